@@ -1,0 +1,9 @@
+"""keras_dpscale: differentially private training (DP-SGD) for Keras 3."""
+
+from keras_dpscale.dp_model import DPModel
+from keras_dpscale.dp_model import DPSequential
+from keras_dpscale.dp_model import make_private
+from keras_dpscale.optimizers import DPAdam
+from keras_dpscale.optimizers import DPSGD
+
+__version__ = "0.1.0"

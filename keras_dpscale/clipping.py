@@ -1,0 +1,218 @@
+"""Per-example gradients and per-example L2 clipping: the first half of DP-SGD.
+
+The path of one private step is:
+
+1. `per_example_gradients`: one gradient per example, computed with
+   `tf.vectorized_map` over the batch (conv filter gradients through
+   `pfor_conv`, not a while_loop), optionally in chunks of
+   `microbatch_size` examples (chunks trade speed for memory and change
+   nothing else).
+2. `clip_by_global_norm`: every example's gradient, over all variables
+   together, is scaled to L2 norm at most `l2_norm_clip`.
+3. `clipped_gradient_sum`: the clipped gradients are summed over the batch.
+
+The noise is added by the optimizer (`keras_dpscale.noise`,
+`keras_dpscale.optimizers`), once per logical batch.
+
+Non-finite gradients: an example whose gradient has a NaN or an infinite
+entry (or whose squared norm overflows float32) contributes exactly zero to
+the sum. Zero has norm 0 <= C, so the sensitivity bound, and with it the
+privacy guarantee, still holds, and one bad example cannot turn the model's
+weights into NaN. The training loss shown by Keras still reports NaN/Inf if
+the loss itself is not finite.
+"""
+
+import tensorflow as tf
+
+from keras_dpscale import pfor_conv
+
+# Per-example conv filter gradients without TF's while_loop fallback.
+pfor_conv.install()
+
+
+def per_example_gradients(loss_fn, variables, inputs, microbatch_size=None):
+    """Per-example gradients of `loss_fn` with respect to `variables`.
+
+    Args:
+      loss_fn: `loss_fn(example) -> (loss, aux)` for ONE example (no batch
+        dimension). `loss` is a scalar; `aux` is any nest of tensors returned
+        alongside it (for example the model's prediction).
+      variables: list of variables to differentiate with respect to.
+      inputs: a nest of tensors whose leading dimension is the batch.
+      microbatch_size: if set, examples are processed `microbatch_size` at a
+        time; the batch size must be a multiple of it.
+
+    Returns:
+      `(grads, losses, aux)`: `grads[i]` has shape `[B] + variables[i].shape`,
+      `losses` has shape `[B]`, `aux` is `aux` stacked over the batch.
+    """
+
+    def one_example(example):
+        with tf.GradientTape() as tape:
+            loss, aux = loss_fn(example)
+        grads = tape.gradient(
+            loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return grads, loss, aux
+
+    return _map_in_chunks(
+        lambda chunk: tf.vectorized_map(one_example, chunk),
+        inputs,
+        microbatch_size,
+        reduce=None,
+    )
+
+
+def dense(grad):
+    """A dense tensor for a gradient (Embedding gradients are IndexedSlices)."""
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.math.unsorted_segment_sum(
+            grad.values, grad.indices, grad.dense_shape[0]
+        )
+    return grad
+
+
+def global_norms(grads):
+    """Per-example L2 norms over all variables: `grads[i]` is `[B, ...]`."""
+    squares = [
+        tf.reduce_sum(
+            tf.reshape(tf.square(tf.cast(g, tf.float32)), [tf.shape(g)[0], -1]),
+            axis=1,
+        )
+        for g in grads
+    ]
+    return tf.sqrt(tf.add_n(squares))
+
+
+def clip_factors(norms, l2_norm_clip):
+    """Scale factors `min(1, C / norm)`; 0 where the norm is not finite."""
+    factors = l2_norm_clip / tf.maximum(norms, l2_norm_clip)
+    return tf.where(tf.math.is_finite(norms), factors, tf.zeros_like(factors))
+
+
+def clip_by_global_norm(grads, l2_norm_clip):
+    """Clips each example's gradient (all variables together) to norm <= C.
+
+    Args:
+      grads: list of per-example gradients, each `[B, ...]`.
+      l2_norm_clip: the clipping norm C > 0.
+
+    Returns:
+      `(clipped, norms)`: the clipped per-example gradients (same shapes) and
+      the per-example norms before clipping.
+    """
+    norms = global_norms(grads)
+    factors = clip_factors(norms, l2_norm_clip)
+    clipped = []
+    for g in grads:
+        f = tf.reshape(
+            tf.cast(factors, g.dtype), [-1] + [1] * (g.shape.rank - 1)
+        )
+        # multiply_no_nan gives exactly 0 where the factor is 0, even for NaN/Inf.
+        clipped.append(tf.math.multiply_no_nan(g, f))
+    return clipped, norms
+
+
+def clipped_gradient_sum(
+    loss_fn, variables, inputs, l2_norm_clip, microbatch_size=None
+):
+    """Sum over the batch of per-example gradients clipped to norm <= C.
+
+    With `microbatch_size`, per-example gradients exist for one chunk at a time,
+    so peak memory is about `microbatch_size * num_params` instead of
+    `batch_size * num_params`; the result is the same.
+
+    Args:
+      loss_fn: as in `per_example_gradients`.
+      variables: list of variables.
+      inputs: a nest of batched tensors.
+      l2_norm_clip: the clipping norm C.
+      microbatch_size: optional chunk size (must divide the batch size).
+
+    Returns:
+      `(grad_sum, losses, aux)`: a list with one summed clipped gradient per
+      variable (float32), the per-example losses `[B]`, and the stacked `aux`.
+    """
+
+    def chunk_sum(chunk):
+        grads, losses, aux = per_example_gradients(loss_fn, variables, chunk)
+        clipped, _ = clip_by_global_norm(grads, l2_norm_clip)
+        return (
+            [tf.reduce_sum(tf.cast(g, tf.float32), axis=0) for g in clipped],
+            losses,
+            aux,
+        )
+
+    return _map_in_chunks(chunk_sum, inputs, microbatch_size, reduce="sum")
+
+
+def _map_in_chunks(fn, inputs, chunk_size, reduce):
+    """Applies `fn` to consecutive chunks of the batch and joins the results.
+
+    `fn(chunk) -> (first, losses, aux)`. `losses` and `aux` are concatenated
+    over chunks. `first` is summed over chunks when `reduce == "sum"`, and
+    concatenated otherwise.
+    """
+    batch_size = tf.nest.flatten(inputs)[0].shape[0]
+    if chunk_size is None or (
+        batch_size is not None and chunk_size >= batch_size
+    ):
+        return fn(inputs)
+    if batch_size is None:
+        raise ValueError(
+            "microbatch_size needs a static batch dimension; batch the dataset "
+            "with drop_remainder=True."
+        )
+    if batch_size % chunk_size:
+        raise ValueError(
+            f"The batch size {batch_size} is not a multiple of microbatch_size="
+            f"{chunk_size}. Choose a microbatch_size that divides it."
+        )
+    num_chunks = batch_size // chunk_size
+    chunked = tf.nest.map_structure(
+        lambda t: tf.reshape(t, [num_chunks, chunk_size] + t.shape[1:]), inputs
+    )
+
+    def take(i):
+        return tf.nest.map_structure(lambda t: t[i], chunked)
+
+    # Trace once on the first chunk to learn the output structure.
+    first, losses, aux = fn(take(0))
+
+    def body(i, acc, loss_ta, aux_ta):
+        f, l, a = fn(take(i))
+        acc = (
+            [x + y for x, y in zip(acc, f)]
+            if reduce == "sum"
+            else [ta.write(i, y) for ta, y in zip(acc, f)]
+        )
+        loss_ta = loss_ta.write(i, l)
+        aux_ta = [ta.write(i, y) for ta, y in zip(aux_ta, tf.nest.flatten(a))]
+        return i + 1, acc, loss_ta, aux_ta
+
+    def array_for(t):
+        return tf.TensorArray(t.dtype, size=num_chunks, element_shape=t.shape)
+
+    def seeded(t):
+        return array_for(t).write(0, t)
+
+    acc0 = list(first) if reduce == "sum" else [seeded(t) for t in first]
+    _, acc, loss_ta, aux_ta = tf.while_loop(
+        lambda i, *_: i < num_chunks,
+        body,
+        (
+            tf.constant(1),
+            acc0,
+            seeded(losses),
+            [seeded(t) for t in tf.nest.flatten(aux)],
+        ),
+    )
+
+    def unchunk(ta):
+        t = ta.stack()
+        return tf.reshape(t, [batch_size] + t.shape[2:])
+
+    if reduce != "sum":
+        acc = [unchunk(ta) for ta in acc]
+    aux = tf.nest.pack_sequence_as(aux, [unchunk(ta) for ta in aux_ta])
+    return acc, unchunk(loss_ta), aux

@@ -1,0 +1,249 @@
+"""`DPModel`, `DPSequential` and `make_private`: Keras models that train with DP-SGD.
+
+A DP model replaces Keras' `train_step` by the private one:
+
+    per-example gradients -> clip each to norm <= C -> sum   (clipping.py)
+    -> accumulate, add noise once per logical batch, apply   (optimizers.py)
+
+Everything else (`fit`, `evaluate`, `predict`, callbacks, saving) is Keras'.
+
+It fails closed: compiling with a non-DP optimizer, a `BatchNormalization`
+layer, any layer that updates state from the data during training, and
+`sample_weight` / `class_weight` raise errors that name the fix.
+"""
+
+import keras
+import tensorflow as tf
+from keras.src.backend.common.stateless_scope import StatelessScope
+from keras.src.losses import loss as loss_module
+from keras.src.models.functional import Functional
+from keras.src.models.model import functional_init_arguments
+from keras.src.trainers.trainer import Trainer
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+from keras_dpscale import clipping
+from keras_dpscale import optimizers
+
+
+class DPTrainer:
+    """The private `train_step`, mixed in front of a Keras model class."""
+
+    def compile(self, optimizer=None, *args, jit_compile=True, **kwargs):
+        """As `keras.Model.compile`; the optimizer must be a DP optimizer.
+
+        `jit_compile` defaults to True: the per-example step runs under XLA.
+        """
+        if not optimizers.is_private(optimizer):
+            raise ValueError(
+                f"{type(self).__name__} trains with differential privacy "
+                "and needs a DP optimizer, such as keras_dpscale.DPSGD(...) "
+                f"or keras_dpscale.DPAdam(...); got {optimizer!r}."
+            )
+        check_layers(self)
+        super().compile(optimizer, *args, jit_compile=jit_compile, **kwargs)
+
+    def compile_from_config(self, config):
+        """Recompiles a loaded model (with its DP optimizer) through `compile`."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def train_step(self, data):
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        if sample_weight is not None:
+            raise ValueError(
+                "sample_weight and class_weight are not supported in DP "
+                "training: a weight scales an example's gradient after it is "
+                "clipped, which breaks the sensitivity bound. Remove them "
+                "(resample the data instead of weighting it)."
+            )
+        optimizer = self.optimizer
+        if not optimizers.is_private(optimizer):
+            raise ValueError(optimizers._NOT_PRIVATE.format(name="A DPModel"))
+        variables = self.trainable_variables
+        example = (x,) if y is None else (x, y)
+        seed_generators = _seed_generators(self)
+        batch_size = tf.nest.flatten(x)[0].shape[0]
+        dynamic_batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        # One independent seed per example for dropout and other random ops.
+        example_seeds = [
+            tf.random.experimental.stateless_split(
+                tf.cast(sg.state, tf.int64), dynamic_batch
+            )
+            for sg in seed_generators
+        ]
+
+        def loss_fn(inputs):
+            (*xy, seeds) = inputs
+            xi, yi = (xy[0], None) if y is None else xy
+            return self._per_example_loss(xi, yi, seed_generators, seeds)
+
+        grad_sum, losses, y_pred = clipping.clipped_gradient_sum(
+            loss_fn,
+            variables,
+            (*example, example_seeds),
+            optimizer.l2_norm_clip,
+            optimizer.microbatch_size,
+        )
+        optimizer.apply_private_gradients(grad_sum, variables, batch_size)
+        for sg in seed_generators:
+            sg.next()
+        self._loss_tracker.update_state(
+            tf.reduce_mean(losses), sample_weight=dynamic_batch
+        )
+        return self.compute_metrics(x, y, y_pred, sample_weight=None)
+
+    def _per_example_loss(self, x, y, seed_generators, seeds):
+        """Loss and prediction of ONE example (no batch dimension).
+
+        Runs inside `tf.vectorized_map`, in a `StatelessScope`: the random
+        layers read this example's own seed, and any attempt to update a
+        model variable from the data is caught (`check_no_state_updates`).
+        """
+        x, y = tf.nest.map_structure(lambda t: t[None], (x, y))
+        mapping = [
+            (sg.state, tf.cast(s, sg.state.dtype))
+            for sg, s in zip(seed_generators, seeds)
+        ]
+        with StatelessScope(state_mapping=mapping, collect_losses=True) as s:
+            if self._call_has_training_arg:
+                y_pred = self(x, training=True)
+            else:
+                y_pred = self(x)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=None, training=True
+            )
+        check_no_state_updates(self, s, seed_generators)
+        # Keras divides losses by the number of replicas; a per-example loss
+        # must stay whole so that its gradient is clipped at the right scale.
+        loss = loss_module.unscale_loss_for_distribution(loss)
+        return loss, tf.nest.map_structure(lambda t: t[0], y_pred)
+
+
+def _seed_generators(model):
+    return [
+        sg
+        for layer in model._flatten_layers()
+        for sg in getattr(layer, "_seed_generators", [])
+    ]
+
+
+def check_layers(model):
+    """Raises if the model has a layer that mixes examples (BatchNorm)."""
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization) or getattr(
+            layer, "mixes_examples", False
+        ):
+            raise ValueError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) computes its "
+                "output for one example from other examples of the batch, "
+                "so per-example gradients and their clipping bound do not "
+                "hold. Replace it with keras.layers.GroupNormalization or "
+                "LayerNormalization."
+            )
+
+
+def check_no_state_updates(model, scope, seed_generators):
+    """Raises if the forward pass assigned a model variable from the data.
+
+    Such updates (BatchNormalization's moving statistics, for example) carry
+    information about the training data that no noise protects.
+    """
+    seed_states = {id(sg.state) for sg in seed_generators}
+    for v in model.non_trainable_variables + model.trainable_variables:
+        if id(v) in seed_states:
+            continue
+        if scope.get_current_value(v) is not None:
+            raise ValueError(
+                f"The forward pass updates the variable '{v.path}' from the "
+                "training data, which DP-SGD cannot protect (its update is "
+                "not clipped or noised). Remove the layer that owns it, or "
+                "replace BatchNormalization by GroupNormalization."
+            )
+
+
+@keras.saving.register_keras_serializable(package="keras_dpscale")
+class DPModel(DPTrainer, keras.Model):
+    """A `keras.Model` that trains with DP-SGD.
+
+    Use it like `keras.Model`: functional (`DPModel(inputs, outputs)`) or
+    subclassed (`class MyModel(DPModel)` with a `call` method), and compile
+    it with a DP optimizer such as `keras_dpscale.DPSGD`.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        # Like keras.Model, which hands functional use to Functional, but
+        # without rewriting this class's bases (Keras injects Functional into
+        # a Model subclass used functionally, which breaks later subclasses).
+        if cls is DPModel and functional_init_arguments(args, kwargs):
+            return DPFunctional.__new__(DPFunctional, *args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, *args, **kwargs):
+        if functional_init_arguments(args, kwargs):
+            raise TypeError(
+                f"{type(self).__name__} subclasses DPModel and is called with "
+                "inputs and outputs; for a functional subclass, subclass "
+                "keras_dpscale.dp_model.DPFunctional instead."
+            )
+        super().__init__(*args, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="keras_dpscale")
+class DPFunctional(DPModel, Functional):
+    """A functional `DPModel`: what `DPModel(inputs, outputs)` returns."""
+
+    def __new__(cls, *args, **kwargs):
+        return Functional.__new__(cls, *args, **kwargs)
+
+    def __init__(self, inputs, outputs, name=None, **kwargs):
+        Trainer.__init__(self)
+        Functional.__init__(self, inputs, outputs, name=name, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="keras_dpscale")
+class DPSequential(DPTrainer, keras.Sequential):
+    """A `keras.Sequential` that trains with DP-SGD."""
+
+
+@keras.saving.register_keras_serializable(package="keras_dpscale")
+class PrivateWrapper(DPModel):
+    """A `DPModel` around a subclassed Keras model (see `make_private`)."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config["model"] = keras.saving.serialize_keras_object(self.model)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config["model"] = keras.saving.deserialize_keras_object(config["model"])
+        return cls(**config)
+
+
+def make_private(model):
+    """Returns a DP-trainable model that shares `model`'s layers and weights.
+
+    Args:
+        model: a built `keras.Sequential`, a functional `keras.Model`, or a
+            subclassed `keras.Model`.
+
+    Returns:
+        A `DPSequential`, a functional `DPModel`, or a `PrivateWrapper`. The
+        weights are shared, not copied: training one trains the other.
+    """
+    if isinstance(model, DPTrainer):
+        return model
+    if isinstance(model, keras.Sequential):
+        return DPSequential(model.layers, name=model.name)
+    if isinstance(model, Functional):
+        return DPModel(model.inputs, model.outputs, name=model.name)
+    return PrivateWrapper(model, name=f"private_{model.name}")

@@ -1,0 +1,313 @@
+"""The private train_step through `model.fit`: exactness, noise, failing closed."""
+
+import keras
+import numpy as np
+import pytest
+import scipy.stats
+import tensorflow as tf
+
+import keras_dpscale as kd
+from keras_dpscale import clipping
+from tests.conftest import inputs_for
+from tests.conftest import tiny_models
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def conv_dp_model():
+    return kd.make_private(tiny_models()[1])
+
+
+def compile_dp(model, **kwargs):
+    kwargs.setdefault("learning_rate", 0.1)
+    kwargs.setdefault("l2_norm_clip", 1.0)
+    kwargs.setdefault("noise_multiplier", 1.0)
+    kwargs.setdefault("noise_seed", 11)
+    model.compile(optimizer=kd.DPSGD(**kwargs), loss=LOSS, metrics=["accuracy"])
+    return model
+
+
+def dataset(x, y, batch_size):
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(
+        batch_size, drop_remainder=True
+    )
+
+
+def weights_after(model_fn, x, y, physical_batch_size, **kwargs):
+    model = compile_dp(model_fn(), **kwargs)
+    model.fit(dataset(x, y, physical_batch_size), epochs=1, verbose=0)
+    return [v.numpy() for v in model.trainable_variables], model
+
+
+def test_zero_noise_step_is_clipped_sgd():
+    model = conv_dp_model()
+    x, y = inputs_for(model, 8)
+    initial = [v.numpy() for v in model.trainable_variables]
+    per_example = []
+    for i in range(8):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y[i : i + 1], model(x[i : i + 1], training=True))
+        per_example.append(tape.gradient(loss, model.trainable_variables))
+    norms = np.sqrt(
+        [
+            sum(float(tf.reduce_sum(g**2)) for g in grads)
+            for grads in per_example
+        ]
+    )
+    clip = float(np.median(norms))
+    factors = np.minimum(1.0, clip / norms)
+    mean = [
+        sum(f * np.asarray(g[v]) for f, g in zip(factors, per_example)) / 8
+        for v in range(len(initial))
+    ]
+    compile_dp(model, learning_rate=0.3, l2_norm_clip=clip, noise_multiplier=0)
+    model.fit(dataset(x, y, 8), epochs=1, verbose=0)
+    for w0, g, w in zip(initial, mean, model.trainable_variables):
+        np.testing.assert_allclose(
+            w.numpy(), w0 - 0.3 * g, rtol=1e-5, atol=1e-7
+        )
+
+
+def test_microbatch_size_does_not_change_the_step():
+    x, y = inputs_for(tiny_models()[1], 16)
+    keras.utils.set_random_seed(1)
+    whole, _ = weights_after(conv_dp_model, x, y, 16)
+    keras.utils.set_random_seed(1)
+    chunked, _ = weights_after(conv_dp_model, x, y, 16, microbatch_size=4)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_equals_one_large_batch():
+    x, y = inputs_for(tiny_models()[1], 16)
+    keras.utils.set_random_seed(2)
+    one, m1 = weights_after(conv_dp_model, x, y, 16, momentum=0.9)
+    keras.utils.set_random_seed(2)
+    four, m4 = weights_after(
+        conv_dp_model, x, y, 4, momentum=0.9, accumulation_steps=4
+    )
+    for a, b in zip(one, four):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert int(m1.optimizer.iterations) == int(m4.optimizer.iterations) == 1
+
+
+def test_noise_std_through_fit_with_accumulation():
+    # Zero inputs and no bias: every per-example gradient is exactly zero,
+    # so the update is the noise alone.
+    model = kd.DPSequential(
+        [keras.Input((100,)), keras.layers.Dense(100, use_bias=False)]
+    )
+    x = np.zeros((16, 100), "float32")
+    y = np.zeros((16,), "int32")
+    sigma, clip = 3.0, 0.5
+    compile_dp(
+        model,
+        learning_rate=1.0,
+        l2_norm_clip=clip,
+        noise_multiplier=sigma,
+        accumulation_steps=4,
+    )
+    before = model.trainable_variables[0].numpy()
+    model.fit(dataset(x, y, 4), epochs=1, verbose=0)
+    update = (model.trainable_variables[0].numpy() - before).ravel()
+    std = sigma * clip / 16
+    assert scipy.stats.kstest(update, "norm", args=(0, std)).pvalue > 0.01
+    assert scipy.stats.kstest(update, "norm", args=(0, 2 * std)).pvalue < 1e-6
+    assert int(model.optimizer.iterations) == 1
+
+
+def test_dp_training_learns():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8)) * 3
+    y = rng.integers(0, 3, size=1024).astype("int32")
+    x = (centers[y] + rng.normal(size=(1024, 8))).astype("float32")
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(16, activation="relu")(inputs)
+    model = kd.DPModel(inputs, keras.layers.Dense(3)(hidden))
+    compile_dp(model, learning_rate=0.5, noise_multiplier=1.0, noise_seed=None)
+    history = model.fit(dataset(x, y, 64), epochs=4, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.6 * losses[0]
+    assert history.history["accuracy"][-1] > 0.8  # chance is 1/3
+    assert int(model.optimizer.iterations) == 4 * 16
+
+
+def test_dropout_masks_differ_between_examples():
+    model = kd.DPSequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="ones"),
+        ]
+    )
+    spread = keras.metrics.MeanMetricWrapper(
+        lambda y_true, y_pred: tf.math.reduce_std(y_pred) + 0 * y_pred[:, 0],
+        name="spread",
+    )
+    model.compile(
+        optimizer=kd.DPSGD(
+            learning_rate=0.0, l2_norm_clip=1.0, noise_multiplier=0.0
+        ),
+        loss="mse",
+        metrics=[spread],
+    )
+    x = np.ones((16, 64), "float32")
+    logs = model.fit(dataset(x, np.zeros(16, "float32"), 16), verbose=0)
+    # Same mask for all examples would give identical predictions.
+    assert logs.history["spread"][0] > 1.0
+
+
+def test_plain_keras_model_with_dpsgd_never_trains():
+    model = tiny_models()[0]
+    model.compile(
+        optimizer=kd.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0), loss=LOSS
+    )
+    x, y = inputs_for(model, 8)
+    before = [v.numpy() for v in model.trainable_variables]
+    with pytest.raises(RuntimeError, match="make_private"):
+        model.fit(x, y, batch_size=8, verbose=0)
+    for b, v in zip(before, model.trainable_variables):
+        np.testing.assert_array_equal(b, v.numpy())
+
+
+def test_dp_model_rejects_non_private_optimizer():
+    with pytest.raises(ValueError, match="needs a DP optimizer"):
+        conv_dp_model().compile(optimizer="sgd", loss=LOSS)
+
+
+def test_batch_normalization_raises():
+    model = kd.DPSequential(
+        [
+            keras.Input((4,)),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(2),
+        ]
+    )
+    with pytest.raises(ValueError, match="GroupNormalization"):
+        compile_dp(model)
+
+
+class RunningMean(keras.layers.Layer):
+    """Keeps a running mean of its inputs: state learned from the data."""
+
+    def build(self, input_shape):
+        self.mean = self.add_weight(
+            shape=input_shape[1:], initializer="zeros", trainable=False
+        )
+
+    def call(self, x, training=False):
+        if training:
+            self.mean.assign(0.9 * self.mean + 0.1 * tf.reduce_mean(x, 0))
+        return x - self.mean
+
+
+def test_layer_updating_state_from_data_raises():
+    model = kd.DPSequential(
+        [keras.Input((4,)), RunningMean(), keras.layers.Dense(2)]
+    )
+    compile_dp(model)
+    x = np.ones((8, 4), "float32")
+    with pytest.raises(ValueError, match="updates the variable"):
+        model.fit(x, np.zeros(8, "int32"), batch_size=8, verbose=0)
+
+
+def test_sample_and_class_weights_raise():
+    model = compile_dp(conv_dp_model())
+    x, y = inputs_for(model, 8)
+    with pytest.raises(ValueError, match="sample_weight and class_weight"):
+        model.fit(x, y, sample_weight=np.ones(8), batch_size=8, verbose=0)
+    with pytest.raises(ValueError, match="sample_weight and class_weight"):
+        model.fit(
+            x, y, class_weight={0: 1.0, 1: 2.0, 2: 1.0}, batch_size=8, verbose=0
+        )
+
+
+def test_numpy_fit_with_partial_last_batch():
+    model = compile_dp(conv_dp_model(), noise_multiplier=0.0)
+    x, y = inputs_for(model, 20)
+    try:
+        model.fit(x, y, batch_size=8, verbose=0)
+    except ValueError as e:
+        assert "batch_size=B" in str(e)
+    else:  # Keras gave static shapes; the divisor must be the fixed 8.
+        assert int(model.optimizer.iterations) == 3
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = compile_dp(conv_dp_model(), momentum=0.9, use_ema=True)
+    x, y = inputs_for(model, 16)
+    model.fit(dataset(x, y, 8), epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, kd.DPModel)
+    assert isinstance(loaded.optimizer, kd.DPSGD)
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
+    )
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert int(loaded.optimizer.iterations) == 2
+    loaded.fit(dataset(x, y, 8), epochs=1, verbose=0)
+    assert int(loaded.optimizer.iterations) == 4
+
+
+class Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(8, activation="relu")
+        self.out = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+class SubclassedDP(kd.DPModel):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.out = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.out(x)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: kd.make_private(tiny_models()[0]),
+        lambda: kd.make_private(
+            keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+        ),
+        lambda: kd.make_private(Subclassed()),
+        lambda: SubclassedDP(),
+        lambda: kd.DPSequential([keras.Input((6,)), keras.layers.Dense(3)]),
+    ],
+    ids=["functional", "sequential", "subclassed", "dp_subclass", "dp_seq"],
+)
+def test_every_way_to_build_a_dp_model_trains_privately(build):
+    model = build()
+    assert isinstance(model, (kd.DPModel, kd.DPSequential))
+    compile_dp(
+        model, noise_multiplier=0.0, l2_norm_clip=1e-3, learning_rate=1.0
+    )
+    x, y = inputs_for(tiny_models()[0], 8)
+    model(x)
+    before = [v.numpy() for v in model.trainable_variables]
+    model.fit(dataset(x, y, 8), verbose=0)
+    # With C = 1e-3 and lr = 1, each step moves the weights by <= 1e-3.
+    moved = np.sqrt(
+        sum(
+            np.sum((v.numpy() - b) ** 2)
+            for b, v in zip(before, model.trainable_variables)
+        )
+    )
+    assert 0 < moved <= 1e-3 * (1 + 1e-5)
+
+
+def test_make_private_shares_weights():
+    base = tiny_models()[0]
+    private = kd.make_private(base)
+    assert {id(v) for v in private.trainable_variables} == {
+        id(v) for v in base.trainable_variables
+    }

@@ -1,0 +1,139 @@
+"""Times the DP-SGD step against the non-private step of the same model.
+
+    python tools/bench_step.py                       # WRN-16-4, 32x32
+    python tools/bench_step.py --depth 10 --width 1 --batch_sizes 32,64
+    python tools/bench_step.py --conv_grad while_loop   # TF's pfor fallback
+
+For each batch size it prints the median step time of the DP step
+(per-example gradients, clipping, noise) and of the non-private step (Keras'
+own train_step with SGD), their ratio, and the peak resident memory of each
+(measured in a fresh process per run, so that one run does not inflate the
+next). Both steps are XLA-compiled; the first steps (compilation) are not
+timed.
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_integer("depth", 16, "WRN depth (6n+4).")
+flags.DEFINE_integer("width", 4, "WRN widening factor.")
+flags.DEFINE_integer("image_size", 32, "Image height and width.")
+flags.DEFINE_list("batch_sizes", ["16", "64"], "Physical batch sizes.")
+flags.DEFINE_integer("steps", 5, "Timed steps per run.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per run.")
+flags.DEFINE_integer("microbatch_size", None, "DPSGD microbatch_size.")
+flags.DEFINE_enum(
+    "conv_grad",
+    "grouped",
+    ["grouped", "while_loop"],
+    "Per-example conv filter gradients: keras_dpscale.pfor_conv's grouped "
+    "convolution, or TensorFlow's own pfor converter (a while_loop).",
+)
+flags.DEFINE_string("_child", None, "Internal: run one measurement.")
+FLAGS = flags.FLAGS
+
+
+def measure(private, batch_size):
+    """Builds, compiles and times one model in this process."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import numpy as np
+
+    import keras_dpscale as kd
+    from keras_dpscale import pfor_conv
+    from keras_dpscale.models import wide_resnet
+
+    if FLAGS.conv_grad == "while_loop":
+        pfor_conv.uninstall()
+
+    model = wide_resnet(
+        FLAGS.depth,
+        FLAGS.width,
+        input_shape=(FLAGS.image_size, FLAGS.image_size, 3),
+        private=private,
+    )
+    if private:
+        optimizer = kd.DPSGD(
+            learning_rate=0.1,
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            microbatch_size=FLAGS.microbatch_size,
+        )
+    else:
+        optimizer = keras.optimizers.SGD(learning_rate=0.1)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    rng = np.random.default_rng(0)
+    shape = (batch_size, FLAGS.image_size, FLAGS.image_size, 3)
+    x = rng.normal(size=shape).astype("float32")
+    y = rng.integers(0, 10, size=(batch_size,)).astype("int32")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for step in range(FLAGS.warmup + FLAGS.steps):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        if step >= FLAGS.warmup:
+            times.append(time.perf_counter() - start)
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "median_s": statistics.median(times),
+        "peak_rss_mb": rss_peak / 1024,
+        "step_rss_mb": (rss_peak - rss_before) / 1024,
+        "params": model.count_params(),
+    }
+
+
+def run_child(private, batch_size):
+    argv = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--_child={int(private)},{batch_size}",
+    ] + [a for a in sys.argv[1:] if not a.startswith("--_child")]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"benchmark child failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main(_):
+    if FLAGS._child:
+        private, batch_size = FLAGS._child.split(",")
+        print(json.dumps(measure(private == "1", int(batch_size))))
+        return
+    name = f"WRN-{FLAGS.depth}-{FLAGS.width}"
+    print(
+        f"{name} (GroupNorm, pre-activation), {FLAGS.image_size}x"
+        f"{FLAGS.image_size}x3, {os.cpu_count()} CPUs, XLA, "
+        f"median of {FLAGS.steps} steps, microbatch_size="
+        f"{FLAGS.microbatch_size}, conv filter gradients: {FLAGS.conv_grad}"
+    )
+    print(
+        f"{'batch':>5} {'non-private s':>13} {'DP s':>9} {'ratio':>6} "
+        f"{'non-priv peak MB':>16} {'DP peak MB':>10} {'mem ratio':>9}"
+    )
+    for batch_size in map(int, FLAGS.batch_sizes):
+        base = run_child(False, batch_size)
+        dp = run_child(True, batch_size)
+        print(
+            f"{batch_size:>5} {base['median_s']:>13.3f} {dp['median_s']:>9.3f}"
+            f" {dp['median_s'] / base['median_s']:>6.1f}"
+            f" {base['peak_rss_mb']:>16.0f} {dp['peak_rss_mb']:>10.0f}"
+            f" {dp['peak_rss_mb'] / base['peak_rss_mb']:>9.2f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
