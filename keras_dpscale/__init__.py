@@ -6,4 +6,5 @@ from keras_dpscale.dp_model import make_private
 from keras_dpscale.optimizers import DPAdam
 from keras_dpscale.optimizers import DPSGD
 
+__all__ = ["DPAdam", "DPModel", "DPSGD", "DPSequential", "make_private"]
 __version__ = "0.1.0"

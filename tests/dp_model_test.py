@@ -7,7 +7,6 @@ import scipy.stats
 import tensorflow as tf
 
 import keras_dpscale as kd
-from keras_dpscale import clipping
 from tests.conftest import inputs_for
 from tests.conftest import tiny_models
 

@@ -1,3 +1,5 @@
 """Image classifiers ready for DP training."""
 
 from keras_dpscale.models.wide_resnet import wide_resnet
+
+__all__ = ["wide_resnet"]
