@@ -1,15 +1,15 @@
 """Per-example gradients and clipping against direct computation."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from keras_dpscale import clipping
+from tests.conftest import LOSS
 from tests.conftest import inputs_for
+from tests.conftest import loop_gradients
+from tests.conftest import reference_clipped_sum
 from tests.conftest import tiny_models
-
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def loss_fn_for(model):
@@ -19,21 +19,6 @@ def loss_fn_for(model):
         return LOSS(y[None], pred), pred[0]
 
     return loss_fn
-
-
-def loop_gradients(model, x, y):
-    """Single-example gradients, one Python iteration per example."""
-    grads = []
-    for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            loss = LOSS(y[i : i + 1], model(x[i : i + 1], training=True))
-        grads.append(
-            [
-                clipping.dense(g)
-                for g in tape.gradient(loss, model.trainable_variables)
-            ]
-        )
-    return [np.stack([g[v] for g in grads]) for v in range(len(grads[0]))]
 
 
 @pytest.mark.parametrize("index", range(3), ids=["dense", "conv_gn", "emb"])
@@ -104,11 +89,7 @@ def test_non_finite_example_contributes_zero():
 def test_clipped_sum_matches_loop_and_microbatch_size(microbatch_size):
     model = tiny_models()[1]
     x, y = inputs_for(model, 6)
-    per_example = loop_gradients(model, x, y)
-    norms = np.sqrt(sum(np.sum(g.reshape(6, -1) ** 2, 1) for g in per_example))
-    clip = float(np.median(norms))  # half the examples are clipped
-    factors = np.minimum(1.0, clip / norms)
-    want = [np.tensordot(factors, g, axes=1) for g in per_example]
+    want, clip = reference_clipped_sum(model, x, y)
 
     @tf.function(jit_compile=True)
     def compute(x, y):

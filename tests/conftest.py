@@ -8,6 +8,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 @pytest.fixture(autouse=True)
@@ -50,3 +53,34 @@ def inputs_for(model, batch_size, seed=0):
         x = rng.normal(size=shape).astype("float32")
     y = rng.integers(0, 3, size=(batch_size,)).astype("int32")
     return x, y
+
+
+def loop_gradients(model, x, y):
+    """Single-example gradients, one Python iteration per example.
+
+    Returns one array per trainable variable, shaped `[B] + variable.shape`.
+    """
+    grads = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y[i : i + 1], model(x[i : i + 1], training=True))
+        grads.append(
+            [
+                tf.convert_to_tensor(g)
+                for g in tape.gradient(loss, model.trainable_variables)
+            ]
+        )
+    return [np.stack([g[v] for g in grads]) for v in range(len(grads[0]))]
+
+
+def reference_clipped_sum(model, x, y):
+    """Clipped per-example gradient sum by a loop, with C = median norm.
+
+    Returns `(grad_sum, clip)`; half of the examples are clipped.
+    """
+    per_example = loop_gradients(model, x, y)
+    n = len(x)
+    norms = np.sqrt(sum(np.sum(g.reshape(n, -1) ** 2, 1) for g in per_example))
+    clip = float(np.median(norms))
+    factors = np.minimum(1.0, clip / norms)
+    return [np.tensordot(factors, g, axes=1) for g in per_example], clip
