@@ -22,6 +22,7 @@ setuptools.setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "scipy>=1.11"],
+        "plot": ["matplotlib"],
+        "test": ["pytest>=8", "scipy>=1.11", "matplotlib"],
     },
 )

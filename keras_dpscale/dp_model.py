@@ -21,6 +21,7 @@ from keras.src.models.model import functional_init_arguments
 from keras.src.trainers.trainer import Trainer
 from keras.src.trainers.data_adapters import data_adapter_utils
 
+from keras_dpscale import callbacks as dp_callbacks
 from keras_dpscale import clipping
 from keras_dpscale import optimizers
 
@@ -41,6 +42,23 @@ class DPTrainer:
             )
         check_layers(self)
         super().compile(optimizer, *args, jit_compile=jit_compile, **kwargs)
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """As `keras.Model.fit`; reports epsilon and enforces the budget.
+
+        When the optimizer knows `num_examples` and `target_delta`, a
+        `callbacks.PrivacyBudget` runs first among the callbacks (so that
+        `epsilon` is in the logs that the others see); a user's own
+        `PrivacyBudget` is moved first instead.
+        """
+        callbacks = list(callbacks or [])
+        budget = [
+            c for c in callbacks if isinstance(c, dp_callbacks.PrivacyBudget)
+        ]
+        others = [c for c in callbacks if c not in budget]
+        if not budget and dp_callbacks.reports_privacy(self.optimizer):
+            budget = [dp_callbacks.PrivacyBudget()]
+        return super().fit(*args, callbacks=budget + others, **kwargs)
 
     def compile_from_config(self, config):
         """Recompiles a loaded model (with its DP optimizer) through `compile`."""

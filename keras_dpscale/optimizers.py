@@ -16,10 +16,17 @@ is the second half of the private step:
 example must never reach a DP optimizer.
 """
 
+import logging
+
 import keras
 import tensorflow as tf
 
+from keras_dpscale import accounting
 from keras_dpscale import noise
+
+# Rows of the privacy ledger; a new row opens only when sigma, the batch size
+# or the sampling changes.
+LEDGER_CAPACITY = 32
 
 _NOT_PRIVATE = (
     "{name} received gradients from a train_step that does not clip per "
@@ -30,13 +37,14 @@ _NOT_PRIVATE = (
 
 
 class DPOptimizerMixin:
-    """DP-SGD settings and the accumulate -> noise -> apply step.
+    """DP-SGD settings, the accumulate -> noise -> apply step, and the ledger.
 
     Mixed into a Keras optimizer class (`DPSGD`, `DPAdam`) in front of it.
 
     Args:
         l2_norm_clip: C, the bound on each example's gradient norm (> 0).
-        noise_multiplier: sigma (>= 0); the noise std is sigma * C.
+        noise_multiplier: sigma (>= 0); the noise std is sigma * C. Give it,
+            or `target_epsilon` to have it calibrated.
         accumulation_steps: physical batches per logical batch. Clipped
             gradients are summed over them and the noise is added once.
         microbatch_size: examples per chunk of per-example gradients; trades
@@ -50,18 +58,39 @@ class DPOptimizerMixin:
         noise_seed: seed of the noise, for reproducible tests only (whoever
             knows it can remove the noise). None: a fresh secret seed from
             the operating system, never stored.
+        num_examples: N, the training set size: needed to report epsilon.
+        target_delta: delta of the reported (epsilon, delta) guarantee.
+        target_epsilon: calibrate sigma so that training for `steps` logical
+            steps (or `epochs`) spends at most this epsilon; needs
+            `target_delta`, `num_examples` and `batch_size`. It also becomes
+            the `epsilon_budget`.
+        steps, epochs: the planned training length, for `target_epsilon`.
+        epsilon_budget: training stops before a step would take epsilon
+            above it (`DPModel.fit` adds `callbacks.PrivacyBudget`).
+        sampling: how the batches were drawn: "shuffle" (shuffled fixed-size
+            batches, any `tf.data` pipeline; epsilon then assumes Poisson
+            sampling and says so) or "poisson" (Poisson sampling).
+        accountant: "pld" (default) or "rdp".
     """
 
     def __init__(
         self,
         *args,
         l2_norm_clip,
-        noise_multiplier,
+        noise_multiplier=None,
         accumulation_steps=1,
         microbatch_size=None,
         batch_size=None,
         rescale_to_unit_norm=False,
         noise_seed=None,
+        num_examples=None,
+        target_delta=None,
+        target_epsilon=None,
+        steps=None,
+        epochs=None,
+        epsilon_budget=None,
+        sampling="shuffle",
+        accountant="pld",
         **kwargs,
     ):
         for name, use in (
@@ -79,32 +108,140 @@ class DPOptimizerMixin:
                 f"l2_norm_clip must be > 0, got {l2_norm_clip}. It bounds "
                 "each example's gradient norm; 1.0 is the usual choice."
             )
-        if not noise_multiplier >= 0:
-            raise ValueError(
-                f"noise_multiplier must be >= 0, got {noise_multiplier}."
-            )
         if int(accumulation_steps) != accumulation_steps or (
             accumulation_steps < 1
         ):
             raise ValueError(
-                f"accumulation_steps must be an integer >= 1, got {accumulation_steps}."
+                "accumulation_steps must be an integer >= 1, got "
+                f"{accumulation_steps}."
             )
         for name, value in (
             ("microbatch_size", microbatch_size),
             ("batch_size", batch_size),
+            ("num_examples", num_examples),
         ):
             if value is not None and (int(value) != value or value < 1):
                 raise ValueError(
                     f"{name} must be None or an integer >= 1, got {value}."
                 )
+        if sampling not in accounting.SAMPLING:
+            raise ValueError(
+                f"sampling must be one of {accounting.SAMPLING}, got "
+                f"{sampling!r}."
+            )
+        accounting.make_accountant(accountant)  # validates the name
         self.l2_norm_clip = float(l2_norm_clip)
-        self.noise_multiplier = float(noise_multiplier)
         self.accumulation_steps = int(accumulation_steps)
         self.microbatch_size = microbatch_size
         self.batch_size = batch_size
         self.rescale_to_unit_norm = bool(rescale_to_unit_norm)
         self.noise_seed = noise_seed
         self._seed = noise.fresh_seed() if noise_seed is None else noise_seed
+        self._calibration = None
+        self.num_examples = num_examples
+        self.target_delta = target_delta
+        self.sampling = sampling
+        self.accountant = accountant
+        self.noise_multiplier = self._calibrate(
+            noise_multiplier, target_epsilon, steps, epochs
+        )
+        self.epsilon_budget = (
+            target_epsilon if epsilon_budget is None else epsilon_budget
+        )
+        if self.num_examples is not None and self.batch_size is not None:
+            accounting.check_arguments(
+                self.batch_size, self.num_examples, self.target_delta
+            )
+        if self.epsilon_budget is not None and target_epsilon is None:
+            self._require(
+                "An epsilon budget with a fixed noise_multiplier",
+                target_delta=target_delta,
+                num_examples=num_examples,
+                batch_size=batch_size,
+            )
+
+    def _require(self, purpose, **values):
+        missing = [name for name, value in values.items() if value is None]
+        if missing:
+            raise ValueError(
+                f"{purpose} needs {', '.join(missing)}: pass "
+                + ", ".join(f"{name}=..." for name in missing)
+                + f" to {type(self).__name__}."
+            )
+
+    def _calibrate(self, noise_multiplier, target_epsilon, steps, epochs):
+        """sigma: as given, or calibrated from `target_epsilon`."""
+        if target_epsilon is None:
+            if noise_multiplier is None:
+                raise ValueError(
+                    "Give noise_multiplier=sigma, or target_epsilon (with "
+                    "target_delta, num_examples, batch_size and steps or "
+                    "epochs) to have sigma calibrated."
+                )
+            if steps is not None or epochs is not None:
+                raise ValueError(
+                    "steps and epochs only serve to calibrate sigma from "
+                    "target_epsilon; with a fixed noise_multiplier, use "
+                    "epsilon_budget to stop training at a budget."
+                )
+            return noise_multiplier
+        if noise_multiplier is not None:
+            raise ValueError(
+                "Give either noise_multiplier or target_epsilon, not both. To "
+                "train with a fixed sigma and stop at a budget, pass "
+                "noise_multiplier and epsilon_budget."
+            )
+        self._require(
+            "Calibrating sigma from target_epsilon",
+            target_delta=self.target_delta,
+            num_examples=self.num_examples,
+        )
+        accounting.steps_for(1, self.num_examples, steps, epochs)  # one given
+        self._calibration = (target_epsilon, steps, epochs)
+        if self.batch_size is None:
+            return None  # calibrated at the first step, once B is known
+        return self._calibrate_for(self.batch_size)
+
+    def _calibrate_for(self, batch_size):
+        target_epsilon, steps, epochs = self._calibration
+        sigma = accounting.calibrate_noise_multiplier(
+            target_epsilon,
+            self.target_delta,
+            batch_size,
+            self.num_examples,
+            steps=steps,
+            epochs=epochs,
+            accountant=self.accountant,
+            sampling=self.sampling,
+        )
+        logging.getLogger("keras_dpscale").info(
+            "noise_multiplier=%.4f calibrated for epsilon=%g, delta=%g, "
+            "batch %d of %d (%s accountant, %s sampling).",
+            sigma,
+            target_epsilon,
+            self.target_delta,
+            batch_size,
+            self.num_examples,
+            self.accountant,
+            self.sampling,
+        )
+        return sigma
+
+    @property
+    def noise_multiplier(self):
+        """sigma; setting it changes the noise from the next step on."""
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value):
+        if value is None and getattr(self, "_calibration", None):
+            self._noise_multiplier = None  # calibrated at the first step
+            return
+        if value is None or not value >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {value}.")
+        self._noise_multiplier = float(value)
+        if getattr(self, "built", False):
+            self._noise_multiplier_var.assign(self._noise_multiplier)
 
     def build(self, variables):
         if self.built:
@@ -112,6 +249,22 @@ class DPOptimizerMixin:
         super().build(variables)
         self._micro_step = self.add_variable(
             shape=(), dtype="int64", name="dp_micro_step"
+        )
+        self._noise_multiplier_var = self.add_variable(
+            shape=(),
+            dtype="float32",
+            initializer=keras.initializers.Constant(
+                self._noise_multiplier or 0.0
+            ),
+            name="dp_noise_multiplier",
+        )
+        # Rows (noise_multiplier, batch_size, sampling, steps); see
+        # `_record_step`.
+        self._ledger = self.add_variable(
+            shape=(LEDGER_CAPACITY, 4), dtype="float64", name="dp_ledger"
+        )
+        self._ledger_size = self.add_variable(
+            shape=(), dtype="int64", name="dp_ledger_size"
         )
         self._grad_sums = []
         if self.accumulation_steps > 1:
@@ -122,6 +275,16 @@ class DPOptimizerMixin:
     def logical_batch_size(self, physical_batch_size):
         """B, the public divisor of the noisy gradient sum."""
         if self.batch_size is not None:
+            actual = (physical_batch_size or 0) * self.accumulation_steps
+            if self.sampling == "shuffle" and actual not in (
+                0,
+                self.batch_size,
+            ):
+                raise ValueError(
+                    f"batch_size={self.batch_size}, but the data come in "
+                    f"batches of {physical_batch_size} x accumulation_steps="
+                    f"{self.accumulation_steps} = {actual}. Make them agree."
+                )
             return self.batch_size
         if physical_batch_size is None:
             raise ValueError(
@@ -151,6 +314,10 @@ class DPOptimizerMixin:
         if not self.built:  # Keras builds lazily, on the first trace.
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
+        if self._noise_multiplier is None:
+            with tf.init_scope():  # once, eagerly, before the first step
+                self.noise_multiplier = self._calibrate_for(batch_size)
+                self.batch_size = batch_size
         if self.accumulation_steps == 1:
             self._apply_noisy_mean(
                 clipped_grad_sum, trainable_variables, batch_size
@@ -178,12 +345,150 @@ class DPOptimizerMixin:
     def _apply_noisy_mean(self, grad_sum, trainable_variables, batch_size):
         """The one place where noise is added: once per logical batch."""
         seed = noise.step_seed(self._seed, self.iterations)
-        stddev = self.noise_multiplier * self.l2_norm_clip
+        sigma = tf.convert_to_tensor(self._noise_multiplier_var)
+        stddev = sigma * self.l2_norm_clip
         noisy_sum = noise.add_gaussian_noise(grad_sum, stddev, seed)
+        self._record_step(sigma, batch_size)
         scale = 1.0 / batch_size
         if self.rescale_to_unit_norm:
             scale /= self.l2_norm_clip
         super().apply([g * scale for g in noisy_sum], trainable_variables)
+
+    def _record_step(self, sigma, batch_size):
+        """Appends one logical step to the ledger, in the graph.
+
+        A step with the same (sigma, B, sampling) as the last row adds to its
+        count; otherwise it opens a new row. If all rows are used, the last
+        row absorbs the step with the smaller sigma and the larger B of the
+        two, which can only overstate epsilon.
+        """
+        row = tf.stack(
+            [
+                tf.cast(sigma, tf.float64),
+                tf.constant(batch_size, tf.float64),
+                tf.constant(
+                    accounting.SAMPLING.index(self.sampling), tf.float64
+                ),
+            ]
+        )
+        ledger = tf.convert_to_tensor(self._ledger)
+        size = tf.convert_to_tensor(self._ledger_size)
+        last = tf.maximum(size - 1, 0)
+        last_row = ledger[last]
+        same = (size > 0) & tf.reduce_all(tf.equal(last_row[:3], row))
+        full = size >= LEDGER_CAPACITY
+        merged = tf.stack(
+            [
+                tf.minimum(last_row[0], row[0]),
+                tf.maximum(last_row[1], row[1]),
+                tf.maximum(last_row[2], row[2]),
+                last_row[3] + 1,
+            ]
+        )
+        new_row = tf.concat([row, [1.0]], 0)
+        new_row = tf.where(same, last_row + [0, 0, 0, 1], new_row)
+        new_row = tf.where(full & ~same, merged, new_row)
+        index = tf.where(same | full, last, size)
+        self._ledger.assign(
+            tf.tensor_scatter_nd_update(ledger, [[index]], [new_row])
+        )
+        self._ledger_size.assign(tf.where(same | full, size, size + 1))
+
+    def privacy_ledger(self):
+        """The steps taken so far, as a list of `accounting.Segment`."""
+        if not self.built:
+            return []
+        rows = self._ledger.numpy()[: int(self._ledger_size.numpy())]
+        return [
+            accounting.Segment(
+                float(sigma),
+                int(batch),
+                accounting.SAMPLING[int(code)],
+                int(steps),
+            )
+            for sigma, batch, code, steps in rows
+        ]
+
+    def next_step(self):
+        """A `Segment` with the coming steps' settings, or None if unknown.
+
+        Unknown: B is not given and no step has been taken yet.
+        """
+        ledger = self.privacy_ledger()
+        batch_size = self.batch_size or (
+            ledger[-1].batch_size if ledger else None
+        )
+        if batch_size is None or self.noise_multiplier is None:
+            return None
+        return accounting.Segment(
+            self.noise_multiplier, batch_size, self.sampling, 0
+        )
+
+    def epsilon(self, delta=None, accountant=None, amplification=True):
+        """Epsilon spent so far, at `delta` (default `target_delta`)."""
+        delta = self.target_delta if delta is None else delta
+        self._require(
+            "Reporting epsilon",
+            num_examples=self.num_examples,
+            target_delta=delta,
+        )
+        return accounting.ledger_epsilon(
+            self.privacy_ledger(),
+            self.num_examples,
+            delta,
+            accountant or self.accountant,
+            amplification,
+        )
+
+    def remaining_steps(self, epsilon_budget=None, delta=None):
+        """Logical steps with the current settings left within the budget.
+
+        None if the coming steps' batch size is not known yet.
+        """
+        budget = (
+            self.epsilon_budget if epsilon_budget is None else epsilon_budget
+        )
+        delta = self.target_delta if delta is None else delta
+        self._require(
+            "A budget check",
+            epsilon_budget=budget,
+            num_examples=self.num_examples,
+            target_delta=delta,
+        )
+        next_step = self.next_step()
+        if next_step is None:
+            return None
+        return accounting.remaining_steps(
+            self.privacy_ledger(),
+            next_step,
+            self.num_examples,
+            delta,
+            budget,
+            self.accountant,
+        )
+
+    def privacy_statement(self, delta=None):
+        """A one-line account of the guarantee, naming its assumptions."""
+        delta = self.target_delta if delta is None else delta
+        ledger = self.privacy_ledger()
+        steps = sum(s.steps for s in ledger)
+        epsilon = self.epsilon(delta)
+        text = (
+            f"epsilon={epsilon:.4g} at delta={delta:g} after {steps} steps "
+            f"(noise_multiplier {self.noise_multiplier:g}, l2_norm_clip "
+            f"{self.l2_norm_clip:g}, N={self.num_examples}, "
+            f"{self.accountant.upper()} accountant"
+        )
+        if any(s.sampling == "shuffle" for s in ledger):
+            loose = self.epsilon(delta, amplification=False)
+            text += (
+                "; batches were shuffled, not Poisson-sampled: this epsilon "
+                "assumes Poisson sampling, and without that assumption the "
+                f"bound is epsilon={loose:.4g})"
+            )
+        else:
+            text += "; Poisson sampling)"
+        return text
 
     def apply(self, grads, trainable_variables=None):
         raise RuntimeError(_NOT_PRIVATE.format(name=type(self).__name__))
@@ -199,8 +504,18 @@ class DPOptimizerMixin:
                 "batch_size": self.batch_size,
                 "rescale_to_unit_norm": self.rescale_to_unit_norm,
                 "noise_seed": self.noise_seed,
+                "num_examples": self.num_examples,
+                "target_delta": self.target_delta,
+                "epsilon_budget": self.epsilon_budget,
+                "sampling": self.sampling,
+                "accountant": self.accountant,
             }
         )
+        if self._noise_multiplier is None:  # not calibrated yet
+            target_epsilon, steps, epochs = self._calibration
+            config.update(
+                target_epsilon=target_epsilon, steps=steps, epochs=epochs
+            )
         return config
 
 
@@ -233,7 +548,6 @@ class DPSGD(DPOptimizerMixin, keras.optimizers.SGD):
         nesterov=False,
         *,
         l2_norm_clip,
-        noise_multiplier,
         name="dpsgd",
         **kwargs,
     ):
@@ -242,7 +556,6 @@ class DPSGD(DPOptimizerMixin, keras.optimizers.SGD):
             momentum=float(momentum),
             nesterov=nesterov,
             l2_norm_clip=l2_norm_clip,
-            noise_multiplier=noise_multiplier,
             name=name,
             **kwargs,
         )

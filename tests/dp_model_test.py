@@ -218,7 +218,14 @@ def test_numpy_fit_with_partial_last_batch():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    model = compile_dp(conv_dp_model(), momentum=0.9, use_ema=True)
+    model = compile_dp(
+        conv_dp_model(),
+        momentum=0.9,
+        use_ema=True,
+        num_examples=16,
+        target_delta=1e-3,
+        accountant="rdp",
+    )
     x, y = inputs_for(model, 16)
     model.fit(dataset(x, y, 8), epochs=1, verbose=0)
     path = str(tmp_path / "model.keras")
@@ -233,6 +240,8 @@ def test_save_and_load_round_trip(tmp_path):
     for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert int(loaded.optimizer.iterations) == 2
+    assert loaded.optimizer.privacy_ledger() == model.optimizer.privacy_ledger()
+    assert loaded.optimizer.epsilon() == model.optimizer.epsilon() > 0
     loaded.fit(dataset(x, y, 8), epochs=1, verbose=0)
     assert int(loaded.optimizer.iterations) == 4
 

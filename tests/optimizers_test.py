@@ -7,6 +7,7 @@ import scipy.stats
 import tensorflow as tf
 
 import keras_dpscale as kd
+from keras_dpscale import accounting
 from keras_dpscale import optimizers
 
 
@@ -104,14 +105,23 @@ def test_zero_noise_gives_mean_of_sums_and_rescale_to_unit_norm():
 
 
 def test_explicit_batch_size_is_the_divisor():
+    # With Poisson sampling the physical batch is a padded upper bound and
+    # the expected batch size B is the divisor.
     g = np.ones(4, "float32")
-    change = private_update(
-        dpsgd(learning_rate=1.0, noise_multiplier=0.0, batch_size=10),
-        [g],
-        3,
-        size=4,
-    )[0]
+    opt = dpsgd(
+        learning_rate=1.0,
+        noise_multiplier=0.0,
+        batch_size=10,
+        sampling="poisson",
+    )
+    change = private_update(opt, [g], 16, size=4)[0]
     np.testing.assert_allclose(change, -0.1, rtol=1e-6)
+
+
+def test_batch_size_must_match_shuffled_batches():
+    with pytest.raises(ValueError, match="Make them agree"):
+        dpsgd(batch_size=10, accumulation_steps=2).logical_batch_size(4)
+    assert dpsgd(batch_size=8, accumulation_steps=2).logical_batch_size(4) == 8
 
 
 def test_unknown_batch_size_raises():
@@ -138,3 +148,114 @@ def test_config_round_trip(cls):
     assert restored.get_config() == opt.get_config()
     assert restored.noise_seed is None  # a secret seed is never serialized
     assert optimizers.is_private(restored)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(noise_multiplier=1.0, target_epsilon=1.0), "not both"),
+        (dict(noise_multiplier=None), "Give noise_multiplier=sigma"),
+        (
+            dict(noise_multiplier=None, target_epsilon=1.0, target_delta=1e-5),
+            "needs num_examples",
+        ),
+        (
+            dict(
+                noise_multiplier=None,
+                target_epsilon=1.0,
+                target_delta=1e-5,
+                num_examples=1000,
+            ),
+            "exactly one of steps and epochs",
+        ),
+        (dict(epochs=3), "only serve to calibrate"),
+        (
+            dict(epsilon_budget=3.0, target_delta=1e-5, num_examples=100),
+            "needs batch_size",
+        ),
+        (dict(sampling="random"), "sampling must be one of"),
+        (dict(accountant="moments"), "accountant must be one of"),
+    ],
+)
+def test_missing_or_contradictory_privacy_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dpsgd(**kwargs)
+
+
+def test_sigma_from_budget_is_calibrated_and_serialized():
+    opt = kd.DPSGD(
+        l2_norm_clip=1.0,
+        target_epsilon=8.0,
+        target_delta=1e-5,
+        num_examples=50_000,
+        batch_size=4096,
+        epochs=20,
+        sampling="poisson",
+        accountant="rdp",
+    )
+    want = accounting.calibrate_noise_multiplier(
+        8.0, 1e-5, 4096, 50_000, epochs=20, accountant="rdp"
+    )
+    assert opt.noise_multiplier == pytest.approx(want)
+    assert opt.epsilon_budget == 8.0
+    config = opt.get_config()
+    assert config["noise_multiplier"] == pytest.approx(want)
+    restored = kd.DPSGD.from_config(config)
+    assert restored.noise_multiplier == pytest.approx(want)
+
+
+def test_ledger_records_sigma_and_batch_changes():
+    opt = dpsgd(learning_rate=0.0, noise_multiplier=2.0, sampling="poisson")
+    v = keras.Variable(np.zeros(3, "float32"))
+    step = tf.function(
+        lambda b: opt.apply_private_gradients([tf.zeros(3)], [v], b),
+        jit_compile=True,
+    )
+    for _ in range(3):
+        step(16)
+    opt.noise_multiplier = 1.0  # takes effect without retracing
+    step(16)
+    step(32)  # a new batch size retraces
+    assert opt.privacy_ledger() == [
+        accounting.Segment(2.0, 16, "poisson", 3),
+        accounting.Segment(1.0, 16, "poisson", 1),
+        accounting.Segment(1.0, 32, "poisson", 1),
+    ]
+
+
+def test_full_ledger_merges_conservatively():
+    opt = dpsgd(learning_rate=0.0, noise_multiplier=1.0, sampling="poisson")
+    v = keras.Variable(np.zeros(3, "float32"))
+    step = tf.function(
+        lambda: opt.apply_private_gradients([tf.zeros(3)], [v], 16)
+    )
+    sigmas = [1.0 + 0.01 * i for i in range(optimizers.LEDGER_CAPACITY + 5)]
+    for sigma in sigmas:
+        opt.noise_multiplier = sigma
+        step()
+    ledger = opt.privacy_ledger()
+    assert len(ledger) == optimizers.LEDGER_CAPACITY
+    assert sum(s.steps for s in ledger) == len(sigmas)
+    assert ledger[-1].noise_multiplier == pytest.approx(sigmas[-6])  # the min
+    assert ledger[-1].steps == 6
+    exact = accounting.ledger_epsilon(
+        [accounting.Segment(s, 16, "poisson", 1) for s in sigmas],
+        1000,
+        1e-5,
+        "rdp",
+    )
+    assert accounting.ledger_epsilon(ledger, 1000, 1e-5, "rdp") >= exact
+
+
+def test_setting_sigma_changes_the_noise():
+    opt = dpsgd(learning_rate=1.0, noise_multiplier=5.0, noise_seed=1)
+    v = keras.Variable(np.zeros(1000, "float32"))
+    step = tf.function(
+        lambda: opt.apply_private_gradients([tf.zeros(1000)], [v], 10)
+    )
+    step()
+    assert np.std(v.numpy()) == pytest.approx(0.5, rel=0.1)
+    opt.noise_multiplier = 0.0
+    before = v.numpy().copy()
+    step()
+    np.testing.assert_array_equal(v.numpy(), before)

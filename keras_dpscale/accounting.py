@@ -1,0 +1,333 @@
+"""Privacy accounting with dp-accounting: epsilon, sigma from a budget, steps.
+
+A DP-SGD run is described by the `DpEvent` of its steps. With Poisson
+sampling (each example joins each step's batch independently with
+probability q = B/N) the event of one step is a Poisson-subsampled Gaussian
+mechanism, and T steps compose it T times: exactly what
+`SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), T)`
+says. PLD (the default) and RDP accountants evaluate it.
+
+Shuffled fixed-size batches (`sampling="shuffle"`, the usual `tf.data`
+pipeline) are not Poisson sampling. Like TF Privacy and jax_privacy, the
+library then reports the Poisson analysis as an assumption, says so once in
+a warning, and offers the bound that assumes no amplification at all
+(`amplification=False`): each example is in at most one batch per epoch, so
+T steps are at most ceil(T / floor(N/B)) releases of a Gaussian mechanism.
+"""
+
+import dataclasses
+import functools
+import math
+import warnings
+
+import dp_accounting
+
+ACCOUNTANTS = ("pld", "rdp")
+SAMPLING = ("poisson", "shuffle")
+MAX_NOISE_MULTIPLIER = 1e3
+MIN_NOISE_MULTIPLIER = 0.1
+
+_SHUFFLE_WARNING = (
+    "The data come in shuffled fixed-size batches, not from Poisson "
+    "sampling; the reported epsilon uses the Poisson-sampling analysis, an "
+    "assumption (as in TF Privacy and jax_privacy). Use keras_dpscale's "
+    "Poisson pipeline for an exact guarantee, or "
+    "compute_epsilon(..., amplification=False) for a bound that assumes "
+    "nothing about the sampling."
+)
+
+
+@functools.cache
+def _warn_shuffle_once():
+    warnings.warn(_SHUFFLE_WARNING, stacklevel=3)
+
+
+def check_arguments(batch_size, num_examples, delta=None):
+    """Validates the public quantities that accounting depends on."""
+    if num_examples is None or num_examples < 1:
+        raise ValueError(
+            "Privacy accounting needs num_examples, the size of the training "
+            f"set (got {num_examples})."
+        )
+    if not 1 <= batch_size <= num_examples:
+        raise ValueError(
+            f"batch_size must be in [1, num_examples={num_examples}], got "
+            f"{batch_size}."
+        )
+    if delta is not None:
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}.")
+        if delta >= 1 / num_examples:
+            warnings.warn(
+                f"delta={delta} is not below 1/num_examples="
+                f"{1 / num_examples:.3g}: a mechanism that publishes one "
+                "random example meets such a guarantee. Use delta << 1/N.",
+                stacklevel=3,
+            )
+
+
+def dp_sgd_event(
+    noise_multiplier,
+    batch_size,
+    num_examples,
+    steps,
+    sampling="poisson",
+    amplification=True,
+):
+    """The `DpEvent` of `steps` DP-SGD steps.
+
+    Args:
+        noise_multiplier: sigma.
+        batch_size: the (expected) logical batch size B.
+        num_examples: the dataset size N.
+        steps: the number of logical steps T.
+        sampling: "poisson" or "shuffle" (see the module docstring).
+        amplification: for "shuffle": False gives the bound that assumes no
+            amplification by sampling.
+
+    Returns:
+        A `dp_accounting.DpEvent`.
+    """
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling}.")
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sampling == "shuffle" and not amplification:
+        steps_per_epoch = num_examples // batch_size
+        releases = math.ceil(steps / steps_per_epoch)
+        return dp_accounting.SelfComposedDpEvent(gaussian, releases)
+    if sampling == "shuffle":
+        _warn_shuffle_once()
+    q = batch_size / num_examples
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, gaussian), int(steps)
+    )
+
+
+def make_accountant(accountant="pld"):
+    """A fresh dp-accounting accountant: "pld" (default) or "rdp"."""
+    if accountant == "pld":
+        return dp_accounting.pld.PLDAccountant()
+    if accountant == "rdp":
+        return dp_accounting.rdp.RdpAccountant()
+    raise ValueError(
+        f"accountant must be one of {ACCOUNTANTS}, got {accountant}."
+    )
+
+
+def epsilon_of_event(event, delta, accountant="pld"):
+    """Epsilon of any `DpEvent` at `delta`."""
+    return make_accountant(accountant).compose(event).get_epsilon(delta)
+
+
+def compute_epsilon(
+    noise_multiplier,
+    batch_size,
+    num_examples,
+    steps,
+    delta,
+    accountant="pld",
+    sampling="poisson",
+    amplification=True,
+):
+    """Epsilon of `steps` DP-SGD steps at `delta` (see `dp_sgd_event`)."""
+    check_arguments(batch_size, num_examples, delta)
+    if steps == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    event = dp_sgd_event(
+        noise_multiplier,
+        batch_size,
+        num_examples,
+        steps,
+        sampling,
+        amplification,
+    )
+    return epsilon_of_event(event, delta, accountant)
+
+
+def steps_for(batch_size, num_examples, steps=None, epochs=None):
+    """Logical steps from exactly one of `steps` and `epochs`."""
+    if (steps is None) == (epochs is None):
+        raise ValueError(
+            "Give exactly one of steps and epochs (got steps="
+            f"{steps}, epochs={epochs})."
+        )
+    if steps is None:
+        steps = math.ceil(epochs * num_examples / batch_size)
+    return int(steps)
+
+
+def calibrate_noise_multiplier(
+    target_epsilon,
+    delta,
+    batch_size,
+    num_examples,
+    steps=None,
+    epochs=None,
+    accountant="pld",
+    sampling="poisson",
+):
+    """The smallest sigma (to 1%) whose epsilon is <= `target_epsilon`.
+
+    Returns:
+        sigma with `target_epsilon * 0.99 <= epsilon(sigma) <= target_epsilon`
+        (or a smaller epsilon if that sigma is close to its lower limit).
+
+    Raises:
+        ValueError: the target needs sigma > 1e3, or an argument is missing.
+    """
+    check_arguments(batch_size, num_examples, delta)
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}.")
+    steps = steps_for(batch_size, num_examples, steps, epochs)
+
+    def epsilon(sigma):
+        return compute_epsilon(
+            sigma, batch_size, num_examples, steps, delta, accountant, sampling
+        )
+
+    # Bracket sigma between powers of 2 (tiny sigmas make PLD blow up).
+    high = 1.0
+    while epsilon(high) > target_epsilon:
+        high *= 2
+        if high > MAX_NOISE_MULTIPLIER or (
+            high == 2.0 and epsilon(MAX_NOISE_MULTIPLIER) > target_epsilon
+        ):
+            raise ValueError(
+                f"epsilon={target_epsilon} at delta={delta} cannot be reached "
+                f"with noise_multiplier <= {MAX_NOISE_MULTIPLIER:g} for {steps} "
+                f"steps of batch {batch_size} out of {num_examples}: train "
+                "fewer steps, use a larger dataset or a larger budget."
+            )
+    low = high / 2
+    while epsilon(low) <= target_epsilon:
+        high, low = low, low / 2
+        if low < MIN_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"epsilon={target_epsilon} is so large that sigma would be "
+                f"below {MIN_NOISE_MULTIPLIER}; give noise_multiplier instead."
+            )
+    sigma = dp_accounting.calibrate_dp_mechanism(
+        lambda: make_accountant(accountant),
+        lambda s: dp_sgd_event(s, batch_size, num_examples, steps, sampling),
+        target_epsilon,
+        delta,
+        dp_accounting.ExplicitBracketInterval(low, high),
+        tol=1e-3 * low,
+    )
+    reached = epsilon(sigma)
+    if reached > target_epsilon:  # never return a sigma above the budget
+        raise AssertionError(f"calibration gave epsilon {reached} > target")
+    return sigma
+
+
+def calibrate_steps(
+    target_epsilon,
+    delta,
+    noise_multiplier,
+    batch_size,
+    num_examples,
+    accountant="pld",
+    sampling="poisson",
+    max_steps=10**7,
+):
+    """The largest number of steps whose epsilon is <= `target_epsilon`."""
+    check_arguments(batch_size, num_examples, delta)
+    return remaining_steps(
+        [],
+        Segment(noise_multiplier, batch_size, sampling, 0),
+        num_examples,
+        delta,
+        target_epsilon,
+        accountant,
+        max_steps,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Consecutive logical steps with the same settings, as a ledger holds."""
+
+    noise_multiplier: float
+    batch_size: int
+    sampling: str
+    steps: int
+
+
+def ledger_event(segments, num_examples, amplification=True):
+    """The composed `DpEvent` of a ledger's segments (heterogeneous steps)."""
+    return dp_accounting.ComposedDpEvent(
+        [
+            dp_sgd_event(
+                s.noise_multiplier,
+                s.batch_size,
+                num_examples,
+                s.steps,
+                s.sampling,
+                amplification,
+            )
+            for s in segments
+            if s.steps > 0
+        ]
+    )
+
+
+def ledger_epsilon(
+    segments, num_examples, delta, accountant="pld", amplification=True
+):
+    """Epsilon at `delta` of all the steps a ledger records."""
+    for s in segments:
+        check_arguments(s.batch_size, num_examples)
+    segments = [s for s in segments if s.steps > 0]
+    if not segments:
+        return 0.0
+    if any(s.noise_multiplier == 0 for s in segments):
+        return math.inf
+    event = ledger_event(segments, num_examples, amplification)
+    return epsilon_of_event(event, delta, accountant)
+
+
+def remaining_steps(
+    segments,
+    next_step,
+    num_examples,
+    delta,
+    epsilon_budget,
+    accountant="pld",
+    max_steps=10**7,
+):
+    """How many more steps like `next_step` keep epsilon <= the budget.
+
+    Args:
+        segments: the steps taken so far (a ledger's `Segment`s).
+        next_step: a `Segment` with the settings of the coming steps (its
+            `steps` is ignored).
+        num_examples, delta, accountant: as in `ledger_epsilon`.
+        epsilon_budget: the budget.
+        max_steps: the search's upper limit.
+
+    Returns:
+        The largest n such that the ledger plus n such steps has epsilon <=
+        `epsilon_budget` (0 if even one step would exceed it).
+    """
+
+    def epsilon(n):
+        extra = dataclasses.replace(next_step, steps=n)
+        return ledger_epsilon(
+            list(segments) + [extra], num_examples, delta, accountant
+        )
+
+    if epsilon(1) > epsilon_budget:
+        return 0
+    low, high = 1, 2  # epsilon(low) <= budget; find high with epsilon > budget
+    while epsilon(high) <= epsilon_budget:
+        if high >= max_steps:
+            return max_steps
+        low, high = high, min(2 * high, max_steps)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (
+            (mid, high) if epsilon(mid) <= epsilon_budget else (low, mid)
+        )
+    return low

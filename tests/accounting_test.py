@@ -1,0 +1,169 @@
+"""Epsilon, calibration and ledgers against dp-accounting called directly."""
+
+import math
+import warnings
+
+import dp_accounting
+import pytest
+
+from keras_dpscale import accounting
+
+# ../shared/REFERENCE.md: (sigma, steps, B, N, delta, eps RDP, eps PLD).
+REFERENCE = [
+    (10.0, 875, 4096, 50_000, 1e-5, 0.988, 0.903),
+    (3.0, 2468, 4096, 50_000, 1e-5, 7.046, 6.529),
+    (2.5, 71_589, 16384, 1_281_167, 8e-7, 7.927, 7.440),
+    (1.3127, 1368, 65_536, 1_281_167, 1e-6, 9.973, 9.290),
+]
+
+
+def direct_epsilon(sigma, steps, batch, n, delta, accountant):
+    """dp-accounting itself, without this library."""
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(
+            batch / n, dp_accounting.GaussianDpEvent(sigma)
+        ),
+        steps,
+    )
+    acc = (
+        dp_accounting.pld.PLDAccountant()
+        if accountant == "pld"
+        else dp_accounting.rdp.RdpAccountant()
+    )
+    return acc.compose(event).get_epsilon(delta)
+
+
+@pytest.mark.filterwarnings("ignore:delta=")
+@pytest.mark.parametrize(
+    "case", REFERENCE, ids=["c10_e1", "c10_s3", "in", "kur"]
+)
+def test_reference_table_to_three_decimals(case):
+    sigma, steps, batch, n, delta, eps_rdp, eps_pld = case
+    for accountant, want in (("rdp", eps_rdp), ("pld", eps_pld)):
+        got = accounting.compute_epsilon(
+            sigma, batch, n, steps, delta, accountant=accountant
+        )
+        assert round(got, 3) == pytest.approx(want, abs=1e-9), accountant
+        assert got == pytest.approx(
+            direct_epsilon(sigma, steps, batch, n, delta, accountant), rel=1e-9
+        )
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+@pytest.mark.parametrize("target", [1.0, 8.0])
+def test_calibrated_sigma_is_within_one_percent_below_target(
+    accountant, target
+):
+    sigma = accounting.calibrate_noise_multiplier(
+        target, 1e-5, 4096, 50_000, epochs=40, accountant=accountant
+    )
+    steps = math.ceil(40 * 50_000 / 4096)
+    eps = direct_epsilon(sigma, steps, 4096, 50_000, 1e-5, accountant)
+    assert 0.99 * target <= eps <= target
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_calibrate_steps_is_the_last_step_within_budget(accountant):
+    args = (1.5, 1024, 60_000)
+    steps = accounting.calibrate_steps(2.0, 1e-5, *args, accountant=accountant)
+    eps = [
+        accounting.compute_epsilon(*args, n, 1e-5, accountant=accountant)
+        for n in (steps, steps + 1)
+    ]
+    assert eps[0] <= 2.0 < eps[1]
+    assert accounting.calibrate_steps(0.01, 1e-5, 0.5, 256, 60_000) == 0
+
+
+def test_unreachable_target_raises():
+    with pytest.raises(ValueError, match="cannot be reached"):
+        accounting.calibrate_noise_multiplier(
+            1e-4, 1e-10, 50_000, 50_000, steps=10**5, accountant="rdp"
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(steps=10, epochs=2), "exactly one of steps and epochs"),
+        (dict(), "exactly one of steps and epochs"),
+        (dict(steps=10, num_examples=None), "needs num_examples"),
+        (dict(steps=10, target_epsilon=-1), "target_epsilon must be > 0"),
+    ],
+)
+def test_missing_or_contradictory_arguments_raise(kwargs, match):
+    args = dict(
+        target_epsilon=1.0, delta=1e-5, batch_size=100, num_examples=1000
+    )
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        accounting.calibrate_noise_multiplier(**args)
+
+
+def test_large_delta_warns():
+    with pytest.warns(UserWarning, match="not below 1/num_examples"):
+        accounting.compute_epsilon(1.0, 10, 1000, 10, delta=1e-3)
+
+
+def test_shuffle_warns_once_and_has_an_assumption_free_bound():
+    accounting._warn_shuffle_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        poisson = accounting.compute_epsilon(1.0, 100, 10_000, 500, 1e-5)
+        shuffle = accounting.compute_epsilon(
+            1.0, 100, 10_000, 500, 1e-5, sampling="shuffle"
+        )
+        accounting.compute_epsilon(
+            1.0, 100, 10_000, 50, 1e-5, sampling="shuffle"
+        )
+    assert shuffle == poisson  # the Poisson analysis, assumed ...
+    assert (
+        sum("assumption" in str(w.message) for w in caught) == 1
+    )  # ... said once
+    loose = accounting.compute_epsilon(
+        1.0, 100, 10_000, 500, 1e-5, sampling="shuffle", amplification=False
+    )
+    # 500 steps of 100 steps per epoch: 5 full releases of a Gaussian.
+    direct = (
+        dp_accounting.pld.PLDAccountant()
+        .compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.GaussianDpEvent(1.0), 5
+            )
+        )
+        .get_epsilon(1e-5)
+    )
+    assert loose == pytest.approx(direct) and loose > 5 * poisson
+
+
+def test_heterogeneous_ledger_composes_its_segments():
+    segments = [
+        accounting.Segment(2.0, 256, "poisson", 300),
+        accounting.Segment(1.0, 512, "poisson", 100),
+    ]
+    got = accounting.ledger_epsilon(segments, 60_000, 1e-5)
+    direct = (
+        dp_accounting.pld.PLDAccountant()
+        .compose(
+            dp_accounting.ComposedDpEvent(
+                [
+                    accounting.dp_sgd_event(2.0, 256, 60_000, 300),
+                    accounting.dp_sgd_event(1.0, 512, 60_000, 100),
+                ]
+            )
+        )
+        .get_epsilon(1e-5)
+    )
+    assert got == pytest.approx(direct)
+    first_only = accounting.compute_epsilon(2.0, 256, 60_000, 300, 1e-5)
+    assert got > first_only
+    assert accounting.ledger_epsilon([], 60_000, 1e-5) == 0.0
+    zero_noise = [accounting.Segment(0.0, 256, "poisson", 1)]
+    assert accounting.ledger_epsilon(zero_noise, 60_000, 1e-5) == math.inf
+
+
+def test_remaining_steps_after_a_ledger():
+    ledger = [accounting.Segment(1.0, 256, "poisson", 200)]
+    nxt = accounting.Segment(1.0, 256, "poisson", 0)
+    n = accounting.remaining_steps(ledger, nxt, 60_000, 1e-5, 3.0, "rdp")
+    total = accounting.calibrate_steps(3.0, 1e-5, 1.0, 256, 60_000, "rdp")
+    assert n == total - 200
