@@ -51,6 +51,8 @@ class DPTrainer:
         `epsilon` is in the logs that the others see); a user's own
         `PrivacyBudget` is moved first instead.
         """
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            return super().fit(*args, callbacks=callbacks, **kwargs)
         callbacks = list(callbacks or [])
         budget = [
             c for c in callbacks if isinstance(c, dp_callbacks.PrivacyBudget)

@@ -1,5 +1,9 @@
 """The private train_step through `model.fit`: exactness, noise, failing closed."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -110,6 +114,7 @@ def test_dp_training_learns():
     model = kd.DPModel(inputs, keras.layers.Dense(3)(hidden))
     compile_dp(model, learning_rate=0.5, noise_multiplier=1.0, noise_seed=None)
     history = model.fit(dataset(x, y, 64), epochs=4, verbose=0)
+    assert model.jit_compile  # DPModel compiles with XLA by default
     losses = history.history["loss"]
     assert losses[-1] < 0.6 * losses[0]
     assert history.history["accuracy"][-1] > 0.8  # chance is 1/3
@@ -304,3 +309,37 @@ def test_make_private_shares_weights():
     assert {id(v) for v in private.trainable_variables} == {
         id(v) for v in base.trainable_variables
     }
+
+
+MULTI_REPLICA = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+import keras_dpscale as kd
+strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+with strategy.scope():
+    model = kd.DPSequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer=kd.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
+                  loss="sparse_categorical_crossentropy")
+before = model.get_weights()
+try:
+    model.fit(np.ones((8, 4), "float32"), np.zeros(8, "int32"),
+              batch_size=8, verbose=0)
+except NotImplementedError as e:
+    assert "each replica would add its own noise" in str(e), e
+    assert all((a == b).all() for a, b in zip(before, model.get_weights()))
+    print("REFUSED")
+"""
+
+
+def test_several_replicas_are_refused_until_noise_is_shared():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", MULTI_REPLICA],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    assert "REFUSED" in out.stdout, out.stderr[-2000:]
