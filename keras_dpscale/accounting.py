@@ -30,10 +30,9 @@ MIN_NOISE_MULTIPLIER = 0.1
 _SHUFFLE_WARNING = (
     "The data come in shuffled fixed-size batches, not from Poisson "
     "sampling; the reported epsilon uses the Poisson-sampling analysis, an "
-    "assumption (as in TF Privacy and jax_privacy). Use keras_dpscale's "
-    "Poisson pipeline for an exact guarantee, or "
-    "compute_epsilon(..., amplification=False) for a bound that assumes "
-    "nothing about the sampling."
+    "assumption (as in TF Privacy and jax_privacy). For an exact guarantee, "
+    "feed Poisson-sampled batches and pass sampling='poisson'; for a bound "
+    "that assumes nothing about the sampling, use amplification=False."
 )
 
 

@@ -121,7 +121,9 @@ class DPTrainer:
         layers read this example's own seed, and any attempt to update a
         model variable from the data is caught (`check_no_state_updates`).
         """
-        x, y = tf.nest.map_structure(lambda t: t[None], (x, y))
+        x = tf.nest.map_structure(lambda t: t[None], x)
+        if y is not None:
+            y = tf.nest.map_structure(lambda t: t[None], y)
         mapping = [
             (sg.state, tf.cast(s, sg.state.dtype))
             for sg, s in zip(seed_generators, seeds)
