@@ -90,12 +90,14 @@ def clip_factors(norms, l2_norm_clip):
     return tf.where(tf.math.is_finite(norms), factors, tf.zeros_like(factors))
 
 
-def clip_by_global_norm(grads, l2_norm_clip):
+def clip_by_global_norm(grads, l2_norm_clip, mask=None):
     """Clips each example's gradient (all variables together) to norm <= C.
 
     Args:
       grads: list of per-example gradients, each `[B, ...]`.
       l2_norm_clip: the clipping norm C > 0.
+      mask: optional `[B]` 0/1 weights; rows with 0 (padding of a Poisson
+        batch) become exactly zero.
 
     Returns:
       `(clipped, norms)`: the clipped per-example gradients (same shapes) and
@@ -103,6 +105,8 @@ def clip_by_global_norm(grads, l2_norm_clip):
     """
     norms = global_norms(grads)
     factors = clip_factors(norms, l2_norm_clip)
+    if mask is not None:
+        factors = factors * tf.cast(mask, factors.dtype)
     clipped = []
     for g in grads:
         f = tf.reshape(
@@ -114,7 +118,7 @@ def clip_by_global_norm(grads, l2_norm_clip):
 
 
 def clipped_gradient_sum(
-    loss_fn, variables, inputs, l2_norm_clip, microbatch_size=None
+    loss_fn, variables, inputs, l2_norm_clip, microbatch_size=None, mask=None
 ):
     """Sum over the batch of per-example gradients clipped to norm <= C.
 
@@ -128,6 +132,7 @@ def clipped_gradient_sum(
       inputs: a nest of batched tensors.
       l2_norm_clip: the clipping norm C.
       microbatch_size: optional chunk size (must divide the batch size).
+      mask: optional `[B]` 0/1 weights: rows with 0 contribute nothing.
 
     Returns:
       `(grad_sum, losses, aux)`: a list with one summed clipped gradient per
@@ -135,15 +140,20 @@ def clipped_gradient_sum(
     """
 
     def chunk_sum(chunk):
-        grads, losses, aux = per_example_gradients(loss_fn, variables, chunk)
-        clipped, _ = clip_by_global_norm(grads, l2_norm_clip)
+        examples, chunk_mask = chunk
+        grads, losses, aux = per_example_gradients(loss_fn, variables, examples)
+        clipped, _ = clip_by_global_norm(grads, l2_norm_clip, chunk_mask)
         return (
             [tf.reduce_sum(tf.cast(g, tf.float32), axis=0) for g in clipped],
             losses,
             aux,
         )
 
-    return _map_in_chunks(chunk_sum, inputs, microbatch_size, reduce="sum")
+    if mask is None:
+        mask = tf.ones(tf.shape(tf.nest.flatten(inputs)[0])[:1])
+    return _map_in_chunks(
+        chunk_sum, (inputs, mask), microbatch_size, reduce="sum"
+    )
 
 
 def _map_in_chunks(fn, inputs, chunk_size, reduce):

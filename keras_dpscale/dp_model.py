@@ -25,6 +25,10 @@ from keras_dpscale import callbacks as dp_callbacks
 from keras_dpscale import clipping
 from keras_dpscale import optimizers
 
+# The key under which a Poisson batch carries its padding mask, in the
+# sample-weight slot of the batch: `(x, y, {MASK: mask})`.
+MASK = "dp_mask"
+
 
 class DPTrainer:
     """The private `train_step`, mixed in front of a Keras model class."""
@@ -71,6 +75,9 @@ class DPTrainer:
 
     def train_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        mask = None
+        if isinstance(sample_weight, dict) and set(sample_weight) == {MASK}:
+            mask, sample_weight = sample_weight[MASK], None
         if sample_weight is not None:
             raise ValueError(
                 "sample_weight and class_weight are not supported in DP "
@@ -81,6 +88,15 @@ class DPTrainer:
         optimizer = self.optimizer
         if not optimizers.is_private(optimizer):
             raise ValueError(optimizers._NOT_PRIVATE.format(name="A DPModel"))
+        if (mask is not None) != (optimizer.sampling == "poisson"):
+            raise ValueError(
+                "The optimizer's sampling must say what the data did: "
+                "Poisson-sampled batches, padded to a fixed size and given as "
+                f"(x, y, {{'{MASK}': mask}}), need sampling='poisson' and "
+                "batch_size=B (the expected size); other batches need "
+                "sampling='shuffle'."
+            )
+        num_views = self._num_views(x)
         variables = self.trainable_variables
         example = (x,) if y is None else (x, y)
         seed_generators = _seed_generators(self)
@@ -97,7 +113,9 @@ class DPTrainer:
         def loss_fn(inputs):
             (*xy, seeds) = inputs
             xi, yi = (xy[0], None) if y is None else xy
-            return self._per_example_loss(xi, yi, seed_generators, seeds)
+            return self._per_example_loss(
+                xi, yi, seed_generators, seeds, num_views
+            )
 
         grad_sum, losses, y_pred = clipping.clipped_gradient_sum(
             loss_fn,
@@ -105,25 +123,51 @@ class DPTrainer:
             (*example, example_seeds),
             optimizer.l2_norm_clip,
             optimizer.microbatch_size,
+            mask,
         )
         optimizer.apply_private_gradients(grad_sum, variables, batch_size)
         for sg in seed_generators:
             sg.next()
+        if mask is None:
+            mask = tf.ones_like(losses)
+        mask = tf.cast(mask, losses.dtype)
+        count = tf.reduce_sum(mask)
         self._loss_tracker.update_state(
-            tf.reduce_mean(losses), sample_weight=dynamic_batch
+            tf.math.divide_no_nan(tf.reduce_sum(losses * mask), count),
+            sample_weight=count,
         )
-        return self.compute_metrics(x, y, y_pred, sample_weight=None)
+        return self.compute_metrics(x, y, y_pred, sample_weight=mask)
 
-    def _per_example_loss(self, x, y, seed_generators, seeds):
+    def _num_views(self, x):
+        """K if `x` holds K augmented views per example (augmult), else None.
+
+        Views are recognized by rank: `[B, K, H, W, C]` for a model whose
+        one input is `[B, H, W, C]`.
+        """
+        inputs = getattr(self, "inputs", None)
+        if not isinstance(x, tf.Tensor) or not inputs or len(inputs) != 1:
+            return None
+        if x.shape.rank == len(inputs[0].shape) + 1:
+            return x.shape[1]
+        return None
+
+    def _per_example_loss(self, x, y, seed_generators, seeds, num_views):
         """Loss and prediction of ONE example (no batch dimension).
 
         Runs inside `tf.vectorized_map`, in a `StatelessScope`: the random
         layers read this example's own seed, and any attempt to update a
         model variable from the data is caught (`check_no_state_updates`).
+        With `num_views` K, `x` is the example's K views: the loss is the
+        mean of their losses (one gradient per example, De et al. 2022) and
+        the prediction the mean of their predictions.
         """
-        x = tf.nest.map_structure(lambda t: t[None], x)
+        rows = 1 if num_views is None else num_views
+        if num_views is None:
+            x = tf.nest.map_structure(lambda t: t[None], x)
         if y is not None:
-            y = tf.nest.map_structure(lambda t: t[None], y)
+            y = tf.nest.map_structure(
+                lambda t: tf.repeat(t[None], rows, axis=0), y
+            )
         mapping = [
             (sg.state, tf.cast(s, sg.state.dtype))
             for sg, s in zip(seed_generators, seeds)
@@ -140,7 +184,9 @@ class DPTrainer:
         # Keras divides losses by the number of replicas; a per-example loss
         # must stay whole so that its gradient is clipped at the right scale.
         loss = loss_module.unscale_loss_for_distribution(loss)
-        return loss, tf.nest.map_structure(lambda t: t[0], y_pred)
+        return loss, tf.nest.map_structure(
+            lambda t: tf.reduce_mean(t, axis=0), y_pred
+        )
 
 
 def _seed_generators(model):

@@ -343,3 +343,34 @@ def test_several_replicas_are_refused_until_noise_is_shared():
         env={**os.environ, "PYTHONPATH": root},
     )
     assert "REFUSED" in out.stdout, out.stderr[-2000:]
+
+
+def masked(x, y, mask):
+    return tf.data.Dataset.from_tensors((x, y, {"dp_mask": mask}))
+
+
+def test_padded_rows_of_a_poisson_batch_contribute_nothing():
+    x, y = inputs_for(tiny_models()[1], 8)
+    garbage = x.copy()
+    garbage[4:] = 1e6  # padding rows; their gradients must not count
+    mask = np.array([1, 1, 1, 1, 0, 0, 0, 0], "float32")
+    kwargs = dict(noise_multiplier=0.0, batch_size=4, learning_rate=0.5)
+    keras.utils.set_random_seed(5)
+    padded = compile_dp(conv_dp_model(), sampling="poisson", **kwargs)
+    padded.fit(masked(garbage, y, mask), verbose=0)
+    keras.utils.set_random_seed(5)
+    plain = compile_dp(conv_dp_model(), **kwargs)
+    plain.fit(dataset(x[:4], y[:4], 4), verbose=0)
+    for a, b in zip(padded.trainable_variables, plain.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_sampling_must_match_the_batches():
+    x, y = inputs_for(tiny_models()[1], 8)
+    mask = np.ones(8, "float32")
+    shuffle = compile_dp(conv_dp_model())
+    with pytest.raises(ValueError, match="sampling must say"):
+        shuffle.fit(masked(x, y, mask), verbose=0)
+    poisson = compile_dp(conv_dp_model(), sampling="poisson", batch_size=8)
+    with pytest.raises(ValueError, match="sampling must say"):
+        poisson.fit(dataset(x, y, 8), verbose=0)
