@@ -37,6 +37,12 @@ flags.DEFINE_enum(
     "Per-example conv filter gradients: keras_dpscale.pfor_conv's grouped "
     "convolution, or TensorFlow's own pfor converter (a while_loop).",
 )
+flags.DEFINE_integer(
+    "augmult",
+    0,
+    "If > 0, also time the augmult input pipeline (K views per example) "
+    "and print its examples/s next to the DP step's.",
+)
 flags.DEFINE_string("_child", None, "Internal: run one measurement.")
 FLAGS = flags.FLAGS
 
@@ -94,6 +100,27 @@ def measure(private, batch_size):
     }
 
 
+def input_examples_per_second(batch_size, num_views, batches=50):
+    """Examples/s that `data.train_dataset` delivers with augmult."""
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_dpscale import data
+
+    size = FLAGS.image_size
+    images = np.random.default_rng(0).integers(
+        0, 256, (10_000, size, size, 3), np.uint8
+    )
+    examples = tf.data.Dataset.from_tensor_slices((images, np.zeros(10_000)))
+    ds = iter(data.train_dataset(examples, batch_size, num_views=num_views))
+    for _ in range(5):  # warm up the pipeline
+        next(ds)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(ds)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
 def run_child(private, batch_size):
     argv = [
         sys.executable,
@@ -133,6 +160,15 @@ def main(_):
             f" {dp['peak_rss_mb'] / base['peak_rss_mb']:>9.2f}",
             flush=True,
         )
+        if FLAGS.augmult:
+            rate = input_examples_per_second(batch_size, FLAGS.augmult)
+            print(
+                f"      input pipeline (augmult K={FLAGS.augmult}): "
+                f"{rate:,.0f} examples/s = {rate * FLAGS.augmult:,.0f} "
+                f"images/s; the DP step consumes "
+                f"{batch_size / dp['median_s']:,.0f} images/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,21 @@
-"""Input pipelines for DP training: augmentation multiplicity and loaders."""
+"""Input pipelines for DP training: sources, augmentation multiplicity."""
 
-from keras_dpscale.data.augmult import augmult
-from keras_dpscale.data.augmult import random_crop_flip
+from keras_dpscale.data.augment import augmult
+from keras_dpscale.data.augment import random_crop_flip
+from keras_dpscale.data.pipeline import eval_dataset
+from keras_dpscale.data.pipeline import normalize
+from keras_dpscale.data.pipeline import train_dataset
+from keras_dpscale.data.sources import DataNotFoundError
+from keras_dpscale.data.sources import load
+from keras_dpscale.data.sources import load_arrays
 
-__all__ = ["augmult", "random_crop_flip"]
+__all__ = [
+    "DataNotFoundError",
+    "augmult",
+    "eval_dataset",
+    "load",
+    "load_arrays",
+    "normalize",
+    "random_crop_flip",
+    "train_dataset",
+]

@@ -1,0 +1,80 @@
+"""Training and evaluation pipelines: shuffled batches, augmult views.
+
+`train_dataset` yields `(views [b, K, H, W, C] float32, labels [b])` with K
+augmented views per example (or `[b, H, W, C]` without augmult), from
+shuffled fixed-size batches: train with `DPSGD(sampling="shuffle")`, whose
+epsilon then states the Poisson assumption. Deterministic under `seed`;
+`input_context` (from `strategy.distribute_datasets_from_function`) shards
+the examples per host and gives each replica its share of the batch.
+"""
+
+import tensorflow as tf
+
+from keras_dpscale.data import augment as augment_lib
+
+
+def normalize(images, mean=0.5, std=0.5):
+    """uint8 `[0, 255]` images to float32 `(x / 255 - mean) / std`."""
+    return (tf.cast(images, tf.float32) / 255.0 - mean) / std
+
+
+def train_dataset(
+    examples,
+    batch_size,
+    num_views=None,
+    seed=0,
+    augment=augment_lib.random_crop_flip,
+    input_context=None,
+    mean=0.5,
+    std=0.5,
+    shuffle_buffer=50_000,
+):
+    """Shuffled, batched, augmented training data (repeats forever).
+
+    Args:
+        examples: a `tf.data.Dataset` of `(uint8 image, label)` (`load`).
+        batch_size: global physical batch size.
+        num_views: K for augmentation multiplicity; None: one unaugmented
+            view and `[b, H, W, C]` batches.
+        seed: the seed of the shuffle and of the augmentations.
+        augment: the augmentation of `augmult.augmult`.
+        input_context: a `tf.distribute.InputContext`, or None.
+        mean, std: normalization.
+        shuffle_buffer: examples in the shuffle buffer.
+
+    Returns:
+        A `tf.data.Dataset` of `(images, labels)` with static shapes.
+    """
+    if input_context is not None:
+        examples = examples.shard(
+            input_context.num_input_pipelines, input_context.input_pipeline_id
+        )
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+    ds = examples.shuffle(
+        shuffle_buffer, seed=seed, reshuffle_each_iteration=True
+    )
+    ds = ds.repeat().batch(batch_size, drop_remainder=True)
+    ds = ds.enumerate()
+
+    def prepare(step, batch):
+        images, labels = batch
+        images = normalize(images, mean, std)
+        if num_views is not None:
+            step_seed = tf.random.experimental.stateless_fold_in(
+                tf.constant([seed, 0], tf.int64), step
+            )
+            images = augment_lib.augmult(images, num_views, step_seed, augment)
+        return images, labels
+
+    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+        tf.data.AUTOTUNE
+    )
+
+
+def eval_dataset(examples, batch_size, mean=0.5, std=0.5):
+    """Normalized evaluation batches (the last one may be smaller)."""
+    return (
+        examples.batch(batch_size)
+        .map(lambda x, y: (normalize(x, mean, std), y), tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
