@@ -252,6 +252,9 @@ class Segment:
     batch_size: int
     sampling: str
     steps: int
+    # Rows per logical batch in the pipeline (>= batch_size for Poisson
+    # batches padded to a fixed size); None: equal to batch_size.
+    max_batch_size: int = None
 
 
 def ledger_event(segments, num_examples, amplification=True):
@@ -330,3 +333,68 @@ def remaining_steps(
             (mid, high) if epsilon(mid) <= epsilon_budget else (low, mid)
         )
     return low
+
+
+def poisson_overflow_probability(num_examples, batch_size, max_batch_size):
+    """P[Binomial(N, B/N) > m]: a Poisson batch does not fit in m rows."""
+    n, q, m = num_examples, batch_size / num_examples, int(max_batch_size)
+    if m >= n:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+
+    def log_pmf(k):
+        return (
+            math.lgamma(n + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(n - k + 1)
+            + k * math.log(q)
+            + (n - k) * math.log1p(-q)
+        )
+
+    total, k = 0.0, m + 1
+    while k <= n:
+        term = math.exp(log_pmf(k))
+        total += term
+        if k > n * q and term < 1e-30 * max(total, 1e-300):
+            break
+        k += 1
+    return min(total, 1.0)
+
+
+def poisson_max_batch_size(num_examples, batch_size, overflow_probability):
+    """The smallest m with `poisson_overflow_probability(...) <= p`."""
+    m = batch_size
+    while (
+        poisson_overflow_probability(num_examples, batch_size, m)
+        > overflow_probability
+    ):
+        m += max(1, int(0.01 * batch_size))
+    while m > batch_size and (
+        poisson_overflow_probability(num_examples, batch_size, m - 1)
+        <= overflow_probability
+    ):
+        m -= 1
+    return m
+
+
+def truncation_delta(segments, num_examples, epsilon):
+    """The delta that truncating Poisson batches to m rows adds.
+
+    The truncated pipeline differs from true Poisson sampling only when a
+    batch overflows, so over the run their output distributions are within
+    total variation eta = sum over steps of P[overflow]; an (epsilon,
+    delta)-DP mechanism run on it is then (epsilon, delta + (1 + e^epsilon)
+    eta)-DP.
+    """
+    eta = sum(
+        s.steps
+        * poisson_overflow_probability(
+            num_examples, s.batch_size, s.max_batch_size or s.batch_size
+        )
+        for s in segments
+        if s.sampling == "poisson"
+    )
+    if eta == 0:
+        return 0.0
+    return (1 + math.exp(min(epsilon, 700))) * eta

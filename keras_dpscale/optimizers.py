@@ -258,10 +258,10 @@ class DPOptimizerMixin:
             ),
             name="dp_noise_multiplier",
         )
-        # Rows (noise_multiplier, batch_size, sampling, steps); see
-        # `_record_step`.
+        # Rows (noise_multiplier, batch_size, sampling, max_batch_size,
+        # steps); see `_record_step`.
         self._ledger = self.add_variable(
-            shape=(LEDGER_CAPACITY, 4), dtype="float64", name="dp_ledger"
+            shape=(LEDGER_CAPACITY, 5), dtype="float64", name="dp_ledger"
         )
         self._ledger_size = self.add_variable(
             shape=(), dtype="int64", name="dp_ledger_size"
@@ -311,6 +311,8 @@ class DPOptimizerMixin:
                 "each replica would add its own noise. Train on one device."
             )
         batch_size = self.logical_batch_size(physical_batch_size)
+        # Rows of a logical batch in the pipeline (Poisson: the padded size).
+        rows = self.accumulation_steps * (physical_batch_size or batch_size)
         if not self.built:  # Keras builds lazily, on the first trace.
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
@@ -320,7 +322,7 @@ class DPOptimizerMixin:
                 self.batch_size = batch_size
         if self.accumulation_steps == 1:
             self._apply_noisy_mean(
-                clipped_grad_sum, trainable_variables, batch_size
+                clipped_grad_sum, trainable_variables, batch_size, rows
             )
             return
         sums = [
@@ -331,7 +333,7 @@ class DPOptimizerMixin:
 
         def apply_and_reset():
             total = [s + g for s, g in zip(sums, clipped_grad_sum)]
-            self._apply_noisy_mean(total, trainable_variables, batch_size)
+            self._apply_noisy_mean(total, trainable_variables, batch_size, rows)
             for s in sums:
                 s.assign(tf.zeros_like(s))
 
@@ -342,25 +344,27 @@ class DPOptimizerMixin:
         tf.cond(is_last, apply_and_reset, accumulate)
         self._micro_step.assign_add(1)
 
-    def _apply_noisy_mean(self, grad_sum, trainable_variables, batch_size):
+    def _apply_noisy_mean(
+        self, grad_sum, trainable_variables, batch_size, rows
+    ):
         """The one place where noise is added: once per logical batch."""
         seed = noise.step_seed(self._seed, self.iterations)
         sigma = tf.convert_to_tensor(self._noise_multiplier_var)
         stddev = sigma * self.l2_norm_clip
         noisy_sum = noise.add_gaussian_noise(grad_sum, stddev, seed)
-        self._record_step(sigma, batch_size)
+        self._record_step(sigma, batch_size, rows)
         scale = 1.0 / batch_size
         if self.rescale_to_unit_norm:
             scale /= self.l2_norm_clip
         super().apply([g * scale for g in noisy_sum], trainable_variables)
 
-    def _record_step(self, sigma, batch_size):
+    def _record_step(self, sigma, batch_size, rows):
         """Appends one logical step to the ledger, in the graph.
 
-        A step with the same (sigma, B, sampling) as the last row adds to its
-        count; otherwise it opens a new row. If all rows are used, the last
-        row absorbs the step with the smaller sigma and the larger B of the
-        two, which can only overstate epsilon.
+        A step with the same (sigma, B, sampling, rows) as the last row adds
+        to its count; otherwise it opens a new row. If all rows are used, the
+        last row absorbs the step with the smaller sigma and the larger B and
+        rows of the two, which can only overstate epsilon.
         """
         row = tf.stack(
             [
@@ -369,24 +373,26 @@ class DPOptimizerMixin:
                 tf.constant(
                     accounting.SAMPLING.index(self.sampling), tf.float64
                 ),
+                tf.constant(rows, tf.float64),
             ]
         )
         ledger = tf.convert_to_tensor(self._ledger)
         size = tf.convert_to_tensor(self._ledger_size)
         last = tf.maximum(size - 1, 0)
         last_row = ledger[last]
-        same = (size > 0) & tf.reduce_all(tf.equal(last_row[:3], row))
+        same = (size > 0) & tf.reduce_all(tf.equal(last_row[:4], row))
         full = size >= LEDGER_CAPACITY
         merged = tf.stack(
             [
                 tf.minimum(last_row[0], row[0]),
                 tf.maximum(last_row[1], row[1]),
                 tf.maximum(last_row[2], row[2]),
-                last_row[3] + 1,
+                tf.maximum(last_row[3], row[3]),
+                last_row[4] + 1,
             ]
         )
         new_row = tf.concat([row, [1.0]], 0)
-        new_row = tf.where(same, last_row + [0, 0, 0, 1], new_row)
+        new_row = tf.where(same, last_row + [0, 0, 0, 0, 1], new_row)
         new_row = tf.where(full & ~same, merged, new_row)
         index = tf.where(same | full, last, size)
         self._ledger.assign(
@@ -405,8 +411,9 @@ class DPOptimizerMixin:
                 int(batch),
                 accounting.SAMPLING[int(code)],
                 int(steps),
+                int(max_rows),
             )
-            for sigma, batch, code, steps in rows
+            for sigma, batch, code, max_rows, steps in rows
         ]
 
     def next_step(self):
@@ -420,8 +427,9 @@ class DPOptimizerMixin:
         )
         if batch_size is None or self.noise_multiplier is None:
             return None
+        max_rows = ledger[-1].max_batch_size if ledger else batch_size
         return accounting.Segment(
-            self.noise_multiplier, batch_size, self.sampling, 0
+            self.noise_multiplier, batch_size, self.sampling, 0, max_rows
         )
 
     def epsilon(self, delta=None, accountant=None, amplification=True):
@@ -487,7 +495,14 @@ class DPOptimizerMixin:
                 f"bound is epsilon={loose:.4g})"
             )
         else:
-            text += "; Poisson sampling)"
+            extra = accounting.truncation_delta(
+                ledger, self.num_examples, epsilon
+            )
+            text += (
+                "; Poisson sampling, batches padded to at most "
+                f"{max(s.max_batch_size for s in ledger)} rows, whose rare "
+                f"truncation adds {extra:.3g} to delta)"
+            )
         return text
 
     def apply(self, grads, trainable_variables=None):

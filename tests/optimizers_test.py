@@ -217,9 +217,9 @@ def test_ledger_records_sigma_and_batch_changes():
     step(16)
     step(32)  # a new batch size retraces
     assert opt.privacy_ledger() == [
-        accounting.Segment(2.0, 16, "poisson", 3),
-        accounting.Segment(1.0, 16, "poisson", 1),
-        accounting.Segment(1.0, 32, "poisson", 1),
+        accounting.Segment(2.0, 16, "poisson", 3, 16),
+        accounting.Segment(1.0, 16, "poisson", 1, 16),
+        accounting.Segment(1.0, 32, "poisson", 1, 32),
     ]
 
 

@@ -5,6 +5,7 @@ from keras_dpscale.data.augment import random_crop_flip
 from keras_dpscale.data.pipeline import eval_dataset
 from keras_dpscale.data.pipeline import normalize
 from keras_dpscale.data.pipeline import train_dataset
+from keras_dpscale.data.poisson import poisson_dataset
 from keras_dpscale.data.sources import DataNotFoundError
 from keras_dpscale.data.sources import load
 from keras_dpscale.data.sources import load_arrays
@@ -16,6 +17,7 @@ __all__ = [
     "load",
     "load_arrays",
     "normalize",
+    "poisson_dataset",
     "random_crop_flip",
     "train_dataset",
 ]
