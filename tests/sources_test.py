@@ -70,6 +70,13 @@ def test_image_folder_directory_and_tarball(tmp_path, as_tarball):
         cache_dir=str(tmp_path / "c"),
     )
     assert x.shape == (6, 6, 6, 3) and x.dtype == np.uint8
+    ds = data.load(
+        "anything",
+        "test",
+        image_folder=str(path),
+        cache_dir=str(tmp_path / "c"),
+    )
+    assert ds.element_spec[0].shape == (6, 6, 3)  # static, for XLA
     assert sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
     # Label 1 is "dog", whose images are 40 brighter.
     assert x[y == 1].mean() > x[y == 0].mean() + 30
@@ -106,3 +113,30 @@ def test_train_dataset_shapes_determinism_and_sharding():
     shard = data.train_dataset(examples, 8, seed=7, input_context=ctx)
     xs, ys = next(iter(shard))
     assert xs.shape[0] == 4 and all(int(v) % 2 == 1 for v in ys)
+
+
+SHARED_CIFAR = os.path.join(
+    os.path.dirname(__file__),
+    "..",
+    "..",
+    "shared",
+    "data",
+    "cifar10-jpeg.tar.gz",
+)
+
+
+@pytest.mark.skipif(
+    not os.path.exists(SHARED_CIFAR), reason="no ../shared/data"
+)
+def test_shared_cifar10_jpeg_tarball(tmp_path):
+    train = data.load(
+        "cifar10", "train", image_folder=SHARED_CIFAR, cache_dir=str(tmp_path)
+    )
+    test = data.load(
+        "cifar10", "test", image_folder=SHARED_CIFAR, cache_dir=str(tmp_path)
+    )
+    assert int(train.cardinality()) == 50_000
+    assert int(test.cardinality()) == 10_000
+    assert train.element_spec[0].shape == (32, 32, 3)
+    labels = [int(y) for _, y in test.take(2000)]
+    assert set(labels) <= set(range(10))

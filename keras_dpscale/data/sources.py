@@ -78,9 +78,12 @@ def _from_image_folder(path, split, cache_dir):
     builder = tfds.folder_dataset.ImageFolder(
         image_folder_root(path, cache_dir)
     )
-    return builder.as_dataset(
+    ds = builder.as_dataset(
         split=split, shuffle_files=False, as_supervised=True
     )
+    # The images of a dataset share one shape: make it static, as XLA needs.
+    shape = next(iter(ds))[0].shape
+    return ds.map(lambda x, y: (tf.ensure_shape(x, shape), y))
 
 
 def _from_tfds(name, split, data_dir, manual_dir):
