@@ -101,7 +101,7 @@ def measure(private, batch_size):
 
 
 def input_examples_per_second(batch_size, num_views, batches=50):
-    """Examples/s that `data.train_dataset` delivers with augmult."""
+    """Examples/s that `data.train_dataset` (Poisson) delivers with augmult."""
     import numpy as np
     import tensorflow as tf
 

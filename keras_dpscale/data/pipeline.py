@@ -1,6 +1,6 @@
-"""Training and evaluation pipelines: shuffled batches, augmult views.
+"""Shuffled-batch training pipeline, evaluation pipeline, normalization.
 
-`train_dataset` yields `(views [b, K, H, W, C] float32, labels [b])` with K
+`shuffled_dataset` yields `(views [b, K, H, W, C] float32, labels [b])` with K
 augmented views per example (or `[b, H, W, C]` without augmult), from
 shuffled fixed-size batches: train with `DPSGD(sampling="shuffle")`, whose
 epsilon then states the Poisson assumption. Deterministic under `seed`;
@@ -18,7 +18,7 @@ def normalize(images, mean=0.5, std=0.5):
     return (tf.cast(images, tf.float32) / 255.0 - mean) / std
 
 
-def train_dataset(
+def shuffled_dataset(
     examples,
     batch_size,
     num_views=None,

@@ -176,10 +176,15 @@ def load(
     )
 
 
-def load_arrays(name, split="train", **kwargs):
-    """`load` as numpy arrays `(images [n, H, W, C] uint8, labels [n])`."""
+def to_arrays(examples):
+    """A dataset of `(image, label)` as numpy `(images, labels)` in memory."""
     images, labels = [], []
-    for image, label in load(name, split, **kwargs).batch(4096):
+    for image, label in examples.batch(4096):
         images.append(image.numpy())
         labels.append(label.numpy())
     return np.concatenate(images), np.concatenate(labels)
+
+
+def load_arrays(name, split="train", **kwargs):
+    """`load` as numpy arrays `(images [n, H, W, C] uint8, labels [n])`."""
+    return to_arrays(load(name, split, **kwargs))

@@ -1,0 +1,69 @@
+"""`train_dataset`: the library's training pipeline, Poisson-sampled by default."""
+
+from keras_dpscale.data import augment as augment_lib
+from keras_dpscale.data import pipeline
+from keras_dpscale.data import poisson
+from keras_dpscale.data import sources
+
+
+def train_dataset(
+    examples,
+    batch_size,
+    seed=0,
+    sampling="poisson",
+    num_views=None,
+    accumulation_steps=1,
+    steps=None,
+    augment=augment_lib.random_crop_flip,
+    **kwargs,
+):
+    """Training batches for a DP model, with the sampling the accountant needs.
+
+    Args:
+        examples: a `tf.data.Dataset` of `(uint8 image, label)` (`load`).
+        batch_size: B, the (expected) logical batch size.
+        seed: the seed of the sampling and the augmentations.
+        sampling: "poisson" (default; the examples are held in memory) or
+            "shuffle" (shuffled fixed-size batches, streamed). Compile with
+            `DPSGD(sampling=<the same>, batch_size=B, ...)`.
+        num_views: K for augmentation multiplicity, or None.
+        accumulation_steps: physical batches per logical batch.
+        steps: logical steps (Poisson; None: forever).
+        augment: the augmentation of the views.
+        **kwargs: passed to `poisson.poisson_dataset` or
+            `pipeline.shuffled_dataset`.
+
+    Returns:
+        Poisson: `(x, y, {"dp_mask": mask})` batches of a fixed padded size;
+        shuffle: `(x, y)` batches of `batch_size / accumulation_steps`.
+    """
+    if sampling == "poisson":
+        images, labels = sources.to_arrays(examples)
+        return poisson.poisson_dataset(
+            images,
+            labels,
+            batch_size,
+            seed,
+            steps=steps,
+            accumulation_steps=accumulation_steps,
+            num_views=num_views,
+            augment=augment,
+            **kwargs,
+        )
+    if sampling == "shuffle":
+        if batch_size % accumulation_steps:
+            raise ValueError(
+                f"batch_size={batch_size} is not a multiple of "
+                f"accumulation_steps={accumulation_steps}."
+            )
+        return pipeline.shuffled_dataset(
+            examples,
+            batch_size // accumulation_steps,
+            num_views=num_views,
+            seed=seed,
+            augment=augment,
+            **kwargs,
+        )
+    raise ValueError(
+        f"sampling must be 'poisson' or 'shuffle', got {sampling!r}."
+    )
