@@ -63,7 +63,8 @@ class DPTrainer:
         ]
         others = [c for c in callbacks if c not in budget]
         if not budget and dp_callbacks.reports_privacy(self.optimizer):
-            budget = [dp_callbacks.PrivacyBudget()]
+            verbose = 0 if kwargs.get("verbose", "auto") == 0 else 1
+            budget = [dp_callbacks.PrivacyBudget(verbose=verbose)]
         return super().fit(*args, callbacks=budget + others, **kwargs)
 
     def compile_from_config(self, config):
