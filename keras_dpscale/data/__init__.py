@@ -1,5 +1,6 @@
 """Input pipelines for DP training: sources, augmult, Poisson sampling."""
 
+from keras_dpscale.data import imagenet
 from keras_dpscale.data.augment import augmult
 from keras_dpscale.data.augment import random_crop_flip
 from keras_dpscale.data.pipeline import eval_dataset
@@ -15,6 +16,7 @@ __all__ = [
     "DataNotFoundError",
     "augmult",
     "eval_dataset",
+    "imagenet",
     "load",
     "load_arrays",
     "normalize",

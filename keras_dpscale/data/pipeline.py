@@ -28,6 +28,7 @@ def shuffled_dataset(
     mean=0.5,
     std=0.5,
     shuffle_buffer=50_000,
+    preprocess=None,
 ):
     """Shuffled, batched, augmented training data (repeats forever).
 
@@ -41,6 +42,9 @@ def shuffled_dataset(
         input_context: a `tf.distribute.InputContext`, or None.
         mean, std: normalization.
         shuffle_buffer: examples in the shuffle buffer.
+        preprocess: `preprocess(uint8 image) -> float32 image` for each
+            example before batching (images of different sizes, e.g.
+            `imagenet.preprocess`); replaces the normalization.
 
     Returns:
         A `tf.data.Dataset` of `(images, labels)` with static shapes.
@@ -53,12 +57,14 @@ def shuffled_dataset(
     ds = examples.shuffle(
         shuffle_buffer, seed=seed, reshuffle_each_iteration=True
     )
-    ds = ds.repeat().batch(batch_size, drop_remainder=True)
+    ds = _preprocessed(ds.repeat(), preprocess)
+    ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.enumerate()
 
     def prepare(step, batch):
         images, labels = batch
-        images = normalize(images, mean, std)
+        if preprocess is None:
+            images = normalize(images, mean, std)
         if num_views is not None:
             step_seed = tf.random.experimental.stateless_fold_in(
                 tf.constant([seed, 0], tf.int64), step
@@ -71,8 +77,25 @@ def shuffled_dataset(
     )
 
 
-def eval_dataset(examples, batch_size, mean=0.5, std=0.5):
-    """Normalized evaluation batches (the last one may be smaller)."""
+def _preprocessed(examples, preprocess):
+    if preprocess is None:
+        return examples
+    return examples.map(
+        lambda x, y: (preprocess(x), y), num_parallel_calls=tf.data.AUTOTUNE
+    )
+
+
+def eval_dataset(examples, batch_size, mean=0.5, std=0.5, preprocess=None):
+    """Normalized (or `preprocess`ed) evaluation batches, in order.
+
+    The last batch may be smaller.
+    """
+    if preprocess is not None:
+        return (
+            _preprocessed(examples, preprocess)
+            .batch(batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
     return (
         examples.batch(batch_size)
         .map(lambda x, y: (normalize(x, mean, std), y), tf.data.AUTOTUNE)
