@@ -34,17 +34,17 @@ def per_example_gradients(loss_fn, variables, inputs, microbatch_size=None):
     """Per-example gradients of `loss_fn` with respect to `variables`.
 
     Args:
-      loss_fn: `loss_fn(example) -> (loss, aux)` for ONE example (no batch
-        dimension). `loss` is a scalar; `aux` is any nest of tensors returned
-        alongside it (for example the model's prediction).
-      variables: list of variables to differentiate with respect to.
-      inputs: a nest of tensors whose leading dimension is the batch.
-      microbatch_size: if set, examples are processed `microbatch_size` at a
-        time; the batch size must be a multiple of it.
+        loss_fn: `loss_fn(example) -> (loss, aux)` for ONE example (no batch
+            dimension). `loss` is a scalar; `aux` is any nest of tensors returned
+            alongside it (for example the model's prediction).
+        variables: list of variables to differentiate with respect to.
+        inputs: a nest of tensors whose leading dimension is the batch.
+        microbatch_size: if set, examples are processed `microbatch_size` at a
+            time; the batch size must be a multiple of it.
 
     Returns:
-      `(grads, losses, aux)`: `grads[i]` has shape `[B] + variables[i].shape`,
-      `losses` has shape `[B]`, `aux` is `aux` stacked over the batch.
+        `(grads, losses, aux)`: `grads[i]` has shape `[B] + variables[i].shape`,
+        `losses` has shape `[B]`, `aux` is `aux` stacked over the batch.
     """
 
     def one_example(example):
@@ -94,14 +94,14 @@ def clip_by_global_norm(grads, l2_norm_clip, mask=None):
     """Clips each example's gradient (all variables together) to norm <= C.
 
     Args:
-      grads: list of per-example gradients, each `[B, ...]`.
-      l2_norm_clip: the clipping norm C > 0.
-      mask: optional `[B]` 0/1 weights; rows with 0 (padding of a Poisson
-        batch) become exactly zero.
+        grads: list of per-example gradients, each `[B, ...]`.
+        l2_norm_clip: the clipping norm C > 0.
+        mask: optional `[B]` 0/1 weights; rows with 0 (padding of a Poisson
+            batch) become exactly zero.
 
     Returns:
-      `(clipped, norms)`: the clipped per-example gradients (same shapes) and
-      the per-example norms before clipping.
+        `(clipped, norms)`: the clipped per-example gradients (same shapes) and
+        the per-example norms before clipping.
     """
     norms = global_norms(grads)
     factors = clip_factors(norms, l2_norm_clip)
@@ -127,16 +127,16 @@ def clipped_gradient_sum(
     `batch_size * num_params`; the result is the same.
 
     Args:
-      loss_fn: as in `per_example_gradients`.
-      variables: list of variables.
-      inputs: a nest of batched tensors.
-      l2_norm_clip: the clipping norm C.
-      microbatch_size: optional chunk size (must divide the batch size).
-      mask: optional `[B]` 0/1 weights: rows with 0 contribute nothing.
+        loss_fn: as in `per_example_gradients`.
+        variables: list of variables.
+        inputs: a nest of batched tensors.
+        l2_norm_clip: the clipping norm C.
+        microbatch_size: optional chunk size (must divide the batch size).
+        mask: optional `[B]` 0/1 weights: rows with 0 contribute nothing.
 
     Returns:
-      `(grad_sum, losses, aux)`: a list with one summed clipped gradient per
-      variable (float32), the per-example losses `[B]`, and the stacked `aux`.
+        `(grad_sum, losses, aux)`: a list with one summed clipped gradient per
+        variable (float32), the per-example losses `[B]`, and the stacked `aux`.
     """
 
     def chunk_sum(chunk):
