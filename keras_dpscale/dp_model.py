@@ -56,7 +56,7 @@ class DPTrainer:
         `PrivacyBudget` is moved first instead.
         """
         if isinstance(callbacks, keras.callbacks.CallbackList):
-            return super().fit(*args, callbacks=callbacks, **kwargs)
+            callbacks = callbacks.callbacks  # never bypass the budget
         callbacks = list(callbacks or [])
         budget = [
             c for c in callbacks if isinstance(c, dp_callbacks.PrivacyBudget)

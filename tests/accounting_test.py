@@ -167,3 +167,15 @@ def test_remaining_steps_after_a_ledger():
     n = accounting.remaining_steps(ledger, nxt, 60_000, 1e-5, 3.0, "rdp")
     total = accounting.calibrate_steps(3.0, 1e-5, 1.0, 256, 60_000, "rdp")
     assert n == total - 200
+
+
+def test_truncation_delta_is_one_plus_e_eps_times_overflow_mass():
+    segments = [
+        accounting.Segment(1.0, 256, "poisson", 100, 300),
+        accounting.Segment(1.0, 256, "shuffle", 100, 256),  # no truncation
+    ]
+    p = accounting.poisson_overflow_probability(60_000, 256, 300)
+    assert 0 < p < 1e-2
+    got = accounting.truncation_delta(segments, 60_000, 2.0)
+    assert got == pytest.approx((1 + math.exp(2.0)) * 100 * p)
+    assert accounting.truncation_delta(segments[1:], 60_000, 2.0) == 0.0

@@ -103,3 +103,23 @@ def test_no_report_without_dataset_size():
     model = model_with(noise_multiplier=1.0, num_examples=None)
     history = model.fit(data(32), epochs=1, verbose=0)
     assert "epsilon" not in history.history
+
+
+@pytest.mark.filterwarnings("ignore:The data come in shuffled")
+def test_budget_holds_with_steps_per_execution_and_a_callback_list():
+    budget = 2.0
+    model = model_with(
+        noise_multiplier=1.5, epsilon_budget=budget, batch_size=32
+    )
+    model.compile(
+        optimizer=model.optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=4,
+    )
+    allowed = accounting.calibrate_steps(budget, 1e-3, 1.5, 32, N, "rdp")
+    callbacks = keras.callbacks.CallbackList([], model=model)
+    model.fit(data(32), epochs=100, verbose=0, callbacks=callbacks)
+    steps = int(model.optimizer.iterations)
+    # One call runs 4 steps, so it stops up to 3 steps early, never late.
+    assert allowed - 3 <= steps <= allowed
+    assert model.optimizer.epsilon() <= budget

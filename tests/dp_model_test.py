@@ -374,3 +374,20 @@ def test_sampling_must_match_the_batches():
     poisson = compile_dp(conv_dp_model(), sampling="poisson", batch_size=8)
     with pytest.raises(ValueError, match="sampling must say"):
         poisson.fit(dataset(x, y, 8), verbose=0)
+
+
+class BatchMean(keras.layers.Layer):
+    """Subtracts the batch mean: declares that it mixes examples."""
+
+    mixes_examples = True
+
+    def call(self, x):
+        return x - tf.reduce_mean(x, axis=0, keepdims=True)
+
+
+def test_layer_declaring_it_mixes_examples_raises():
+    model = kd.DPSequential(
+        [keras.Input((4,)), BatchMean(), keras.layers.Dense(2)]
+    )
+    with pytest.raises(ValueError, match="other examples of the batch"):
+        compile_dp(model)
