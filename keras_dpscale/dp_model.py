@@ -65,6 +65,10 @@ class DPTrainer:
         if not budget and dp_callbacks.reports_privacy(self.optimizer):
             verbose = 0 if kwargs.get("verbose", "auto") == 0 else 1
             budget = [dp_callbacks.PrivacyBudget(verbose=verbose)]
+        if self.built and not self.optimizer.built:
+            # Variables created while tracing make TensorFlow trace the
+            # (costly, vectorized) train step a second time.
+            self.optimizer.build(self.trainable_variables)
         return super().fit(*args, callbacks=budget + others, **kwargs)
 
     def compile_from_config(self, config):

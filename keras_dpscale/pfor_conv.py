@@ -8,7 +8,8 @@ On a GroupNorm WRN-16-4 that loop is about 97% of the DP step's time.
 `install()` registers a vectorized converter for that op: the filter
 gradients of all examples are one grouped convolution (one group per
 example), about as fast as the non-private filter gradient of the batch.
-Cases it does not cover (NCHW, explicit padding, unknown shapes) keep
+Grouped convolutions get one such convolution per group. Cases it does
+not cover (NCHW, explicit padding, unknown shapes) keep
 TensorFlow's own converter.
 """
 
@@ -93,13 +94,27 @@ def _convert(pfor_input):
     out_grads = pfor_input.stacked_input(2)
     strides = pfor_input.get_attr("strides")
     dilations = pfor_input.get_attr("dilations")
-    grads = per_example_filter_gradient(
-        inputs,
-        out_grads,
+    conv = dict(
         kernel_size=tuple(int(s) for s in filter_sizes[:2]),
         strides=tuple(strides[1:3]),
         padding=padding,
         dilations=tuple(dilations[1:3]),
+    )
+    # A grouped convolution (NFNets): group g maps input channels
+    # [g*c, (g+1)*c) to output channels [g*o, (g+1)*o).
+    c = int(filter_sizes[2])
+    groups = inputs.shape[-1] // c
+    o = out_grads.shape[-1] // groups
+    grads = tf.concat(
+        [
+            per_example_filter_gradient(
+                inputs[..., g * c : (g + 1) * c],
+                out_grads[..., g * o : (g + 1) * o],
+                **conv,
+            )
+            for g in range(groups)
+        ],
+        axis=-1,
     )
     return pfor.wrap(grads, True)
 

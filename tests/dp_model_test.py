@@ -79,12 +79,22 @@ def test_accumulation_equals_one_large_batch():
     assert int(m1.optimizer.iterations) == int(m4.optimizer.iterations) == 1
 
 
-def test_noise_std_through_fit_with_accumulation():
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_noise_std_through_fit_with_accumulation(policy):
     # Zero inputs and no bias: every per-example gradient is exactly zero,
     # so the update is the noise alone.
-    model = kd.DPSequential(
-        [keras.Input((100,)), keras.layers.Dense(100, use_bias=False)]
-    )
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = kd.DPSequential(
+            [
+                keras.Input((100,)),
+                keras.layers.Dense(
+                    100, use_bias=False, kernel_initializer="zeros"
+                ),
+            ]
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     x = np.zeros((16, 100), "float32")
     y = np.zeros((16,), "int32")
     sigma, clip = 3.0, 0.5
@@ -101,6 +111,10 @@ def test_noise_std_through_fit_with_accumulation():
     std = sigma * clip / 16
     assert scipy.stats.kstest(update, "norm", args=(0, std)).pvalue > 0.01
     assert scipy.stats.kstest(update, "norm", args=(0, 2 * std)).pvalue < 1e-6
+    # The noise is drawn in float32, also under mixed precision: a bfloat16
+    # draw would make (almost) every entry a bfloat16 number.
+    as_bf16 = tf.cast(tf.cast(update, tf.bfloat16), tf.float32).numpy()
+    assert np.mean(as_bf16 == update) < 0.01
     assert int(model.optimizer.iterations) == 1
 
 

@@ -19,12 +19,14 @@ from keras_dpscale import pfor_conv
         dict(kernel_size=1, strides=2),
         dict(kernel_size=(3, 2), strides=(2, 1), padding="same"),
         dict(kernel_size=4, strides=3, padding="same"),
+        dict(kernel_size=3, padding="same", groups=3),
+        dict(kernel_size=3, strides=2, padding="same", groups=2),
     ],
 )
 @pytest.mark.parametrize("jit_compile", [True, False])
 def test_matches_single_example_gradients(kwargs, jit_compile):
-    conv = keras.layers.Conv2D(5, **kwargs)
-    x = tf.random.stateless_normal((4, 9, 8, 3), seed=[1, 2])
+    conv = keras.layers.Conv2D(6, **kwargs)
+    x = tf.random.stateless_normal((4, 9, 8, 6), seed=[1, 2])
     conv(x)
 
     def grad(xi):

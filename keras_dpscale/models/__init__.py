@@ -1,5 +1,48 @@
-"""Image classifiers ready for DP training."""
+"""Image classifiers ready for DP training, and a registry by name.
 
+    model = keras_dpscale.models.get("wrn_16_4", num_classes=10)
+    model = keras_dpscale.models.get("nfnet_f3", num_classes=1000)
+
+Names: `wrn_{depth}_{width}`, `nf_resnet_{depth}`, `nfnet_{variant}` (f0 to
+f6). Keyword arguments go to the builder (`wide_resnet`, `nf_resnet`,
+`nfnet`).
+"""
+
+import re
+
+from keras_dpscale.models.nf_resnet import nf_resnet
+from keras_dpscale.models.nfnet import nfnet
 from keras_dpscale.models.wide_resnet import wide_resnet
 
-__all__ = ["wide_resnet"]
+_PATTERNS = (
+    (
+        r"wrn_(\d+)_(\d+)",
+        lambda d, w: dict(depth=int(d), width=int(w)),
+        wide_resnet,
+    ),
+    (r"nf_resnet_(\d+)", lambda d: dict(depth=int(d)), nf_resnet),
+    (r"nfnet_(f\d)", lambda v: dict(variant=v.upper()), nfnet),
+)
+
+
+def get(name, **kwargs):
+    """Builds the model registered under `name`.
+
+    Args:
+        name: e.g. "wrn_16_4", "wrn_40_4", "nf_resnet_50", "nfnet_f0".
+        **kwargs: builder arguments (num_classes, input_shape, ...).
+
+    Returns:
+        A functional `DPModel` (or `keras.Model` with `private=False`).
+    """
+    for pattern, parse, builder in _PATTERNS:
+        match = re.fullmatch(pattern, name.lower())
+        if match:
+            return builder(**parse(*match.groups()), **kwargs)
+    raise ValueError(
+        f"Unknown model {name!r}: expected wrn_<depth>_<width>, "
+        "nf_resnet_<depth> or nfnet_f<0-6>."
+    )
+
+
+__all__ = ["get", "nf_resnet", "nfnet", "wide_resnet"]

@@ -1,0 +1,196 @@
+"""Transfer learning: load a pre-trained backbone, freeze, fine-tune with DP.
+
+Kurakin et al. 2022 and De et al. 2022 get their best ImageNet results by
+DP fine-tuning a model pre-trained on public data. The recipe here:
+
+    model = kd.models.get("nfnet_f3", num_classes=1000)
+    kd.transfer.load_nfnet_checkpoint(model, "F3_haiku.npz")  # or
+    kd.transfer.load_backbone(model, pretrained_model_or_keras_file)
+    kd.transfer.freeze(model, until="final_act")   # head-only fine-tuning
+    model.compile(optimizer=kd.DPSGD(...), ...)
+
+Only the trainable variables get per-example gradients, so head-only DP
+fine-tuning costs little more than a forward pass.
+"""
+
+import pickle
+import re
+
+import keras
+import numpy as np
+
+
+def load_backbone(model, source, exclude=("head",)):
+    """Copies weights layer by layer, by name, from `source` into `model`.
+
+    Every layer of `model` that has weights and is not in `exclude` must
+    exist in `source` with the same weight shapes: a silent partial load
+    would fine-tune a randomly initialized backbone.
+
+    Args:
+        model: the model to fill (for example with a new head).
+        source: a `keras.Model` or the path of a `.keras` file.
+        exclude: names of layers of `model` left as initialized.
+
+    Returns:
+        The names of the layers whose weights were copied.
+    """
+    if isinstance(source, str):
+        source = keras.saving.load_model(source, compile=False)
+    by_name = {layer.name: layer for layer in source.layers}
+    copied = []
+    for layer in model.layers:
+        if not layer.weights or layer.name in exclude:
+            continue
+        if layer.name not in by_name:
+            raise ValueError(
+                f"Layer {layer.name!r} has no counterpart in the source "
+                "model; add it to `exclude` to keep its initialization."
+            )
+        weights = by_name[layer.name].get_weights()
+        shapes = [w.shape for w in layer.get_weights()]
+        if [w.shape for w in weights] != shapes:
+            raise ValueError(
+                f"Layer {layer.name!r}: source weights have shapes "
+                f"{[w.shape for w in weights]}, the model {shapes}."
+            )
+        layer.set_weights(weights)
+        copied.append(layer.name)
+    return copied
+
+
+def freeze(model, until=None, num_layers=None, names=()):
+    """Freezes a prefix of `model.layers`, or the named layers.
+
+    Args:
+        model: a functional or Sequential model.
+        until: freeze all layers up to and including the one of this name.
+        num_layers: freeze the first `num_layers` layers.
+        names: freeze these layers (in addition).
+
+    Returns:
+        The names of the layers frozen. Compile (again) after freezing.
+    """
+    layers = model.layers
+    count = 0
+    if until is not None:
+        index = [layer.name for layer in layers].index(until)
+        count = index + 1
+    if num_layers is not None:
+        count = max(count, num_layers)
+    frozen = [layer for layer in layers[:count]]
+    missing = set(names) - {layer.name for layer in layers}
+    if missing:
+        raise ValueError(f"No layers named {sorted(missing)}.")
+    frozen += [layer for layer in layers if layer.name in names]
+    for layer in frozen:
+        layer.trainable = False
+    return [layer.name for layer in frozen]
+
+
+def read_haiku_checkpoint(path):
+    """Reads a Haiku parameter file as `{"module/param": array}`.
+
+    Accepts the pickled nested dict `{module: {param: array}}` of the
+    published NFNet checkpoints (`F0_haiku.npz` ... are pickles despite the
+    extension; they hold plain dicts of NumPy arrays, which `pickle` reads
+    without `dill`) and a real `.npz` with flat "module/param" keys.
+    """
+    if _is_zip(path):
+        with np.load(path) as data:
+            return {k: np.asarray(data[k]) for k in data.files}
+    with open(path, "rb") as f:
+        tree = pickle.load(f)
+    return {
+        f"{module}/{param}": np.asarray(value)
+        for module, params in tree.items()
+        for param, value in params.items()
+    }
+
+
+def _is_zip(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def nfnet_key_map(model):
+    """Maps `model`'s variables to the published NFNet checkpoint keys.
+
+    The keys are Haiku module paths of deepmind-research/nfnets: stem
+    `NFNet/~/stem_conv{i}`, block i `NFNet/~/nf_block` (i = 0) or
+    `NFNet/~/nf_block_{i}` with sub-modules `conv0`, `conv1`, `conv1b`,
+    `conv2`, `conv_shortcut` and `squeeze_excite/~/linear(_1)`, then
+    `NFNet/~/final_conv` and the classifier `NFNet/~/linear`. Parameters
+    are `w`, `b`, `gain` (convolutions), `w`, `b` (linear) and `skip_gain`.
+
+    Returns:
+        `{checkpoint key: keras variable}`.
+    """
+    keys = {}
+    conv_params = (("kernel", "w"), ("bias", "b"), ("gain", "gain"))
+    for layer in model.layers:
+        name = layer.name
+        match = re.fullmatch(r"block(\d+)_(.+)", name)
+        if match:
+            i, part = int(match.group(1)), match.group(2)
+            block = "NFNet/~/nf_block" + (f"_{i}" if i else "")
+            if part == "skip_gain":
+                keys[f"{block}/skip_gain"] = layer.gain
+            elif part == "squeeze_excite":
+                for dense, hk in (
+                    (layer.fc0, "linear"),
+                    (layer.fc1, "linear_1"),
+                ):
+                    prefix = f"{block}/~/squeeze_excite/~/{hk}"
+                    keys[f"{prefix}/w"] = dense.kernel
+                    keys[f"{prefix}/b"] = dense.bias
+            elif layer.weights:
+                for attr, hk in conv_params:
+                    keys[f"{block}/~/{part}/{hk}"] = getattr(layer, attr)
+        elif name.startswith("stem_conv") or name == "final_conv":
+            for attr, hk in conv_params:
+                keys[f"NFNet/~/{name}/{hk}"] = getattr(layer, attr)
+        elif name == "head":
+            keys["NFNet/~/linear/w"] = layer.kernel
+            keys["NFNet/~/linear/b"] = layer.bias
+    return keys
+
+
+def load_nfnet_checkpoint(model, path, exclude_head=True):
+    """Loads published NFNet weights (`F{0-6}_haiku.npz`) into `model`.
+
+    Args:
+        model: an `nfnet(variant)` of the checkpoint's variant (any number
+            of classes when the head is excluded).
+        path: the checkpoint file (see `read_haiku_checkpoint`).
+        exclude_head: keep the model's own classifier (a new head).
+
+    Returns:
+        The number of variables loaded.
+
+    Raises:
+        ValueError: a key is missing, unexpected, or has another shape.
+    """
+    params = read_haiku_checkpoint(path)
+    keys = nfnet_key_map(model)
+    if exclude_head:
+        for suffix in ("w", "b"):
+            keys.pop(f"NFNet/~/linear/{suffix}")
+            params.pop(f"NFNet/~/linear/{suffix}", None)
+    missing = sorted(set(keys) - set(params))
+    unexpected = sorted(set(params) - set(keys))
+    if missing or unexpected:
+        raise ValueError(
+            f"Checkpoint does not match the model: missing {missing[:5]}"
+            f" ({len(missing)}), unexpected {unexpected[:5]}"
+            f" ({len(unexpected)})."
+        )
+    for key, variable in keys.items():
+        value = params[key]
+        if tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(
+                f"{key}: checkpoint shape {value.shape}, model "
+                f"{tuple(variable.shape)}."
+            )
+        variable.assign(value)
+    return len(keys)

@@ -1,0 +1,195 @@
+"""Transfer learning: backbone loading, freezing, head-only DP fine-tuning."""
+
+import pickle
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_dpscale as kd
+from tests.conftest import LOSS
+
+
+def wrn(num_classes, width=1):
+    return kd.models.wide_resnet(
+        depth=10, width=width, num_classes=num_classes,
+        input_shape=(8, 8, 3), groups=4,
+    )  # fmt: skip
+
+
+def perturbed(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        v.assign(v.numpy() + rng.normal(size=v.shape).astype("float32"))
+    return model
+
+
+def test_load_backbone_copies_all_but_the_new_head(tmp_path):
+    source = perturbed(wrn(10))
+    target = wrn(3)
+    head = target.get_layer("head").kernel.numpy()
+    copied = kd.transfer.load_backbone(target, source)
+    assert "head" not in copied and "stem_conv" in copied
+    for layer in target.layers:
+        if layer.name in copied:
+            for a, b in zip(
+                layer.weights, source.get_layer(layer.name).weights
+            ):
+                np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(target.get_layer("head").kernel, head)
+    # From a .keras file too.
+    path = str(tmp_path / "source.keras")
+    source.save(path)
+    other = wrn(3)
+    kd.transfer.load_backbone(other, path)
+    np.testing.assert_array_equal(
+        other.get_layer("stem_conv").kernel,
+        source.get_layer("stem_conv").kernel,
+    )
+
+
+def test_load_backbone_fails_loudly_on_a_mismatch():
+    with pytest.raises(ValueError, match="shapes"):
+        kd.transfer.load_backbone(wrn(3, width=2), wrn(10))
+    with pytest.raises(ValueError, match="shapes"):
+        kd.transfer.load_backbone(wrn(3), wrn(10), exclude=())
+    with pytest.raises(ValueError, match="no counterpart"):
+        kd.transfer.load_backbone(
+            wrn(3), keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        )
+
+
+def test_freeze_by_name_count_and_list():
+    model = wrn(3)
+    frozen = kd.transfer.freeze(model, until="pool")
+    assert [v.path.split("/")[0] for v in model.trainable_variables] == [
+        "head", "head",
+    ]  # fmt: skip
+    assert "stem_conv" in frozen and "head" not in frozen
+    model = wrn(3)
+    assert kd.transfer.freeze(model, num_layers=2) == [
+        model.layers[0].name, "stem_conv",
+    ]  # fmt: skip
+    model = wrn(3)
+    kd.transfer.freeze(model, names=["head"])
+    assert not model.get_layer("head").trainable
+    with pytest.raises(ValueError, match="No layers"):
+        kd.transfer.freeze(model, names=["nope"])
+
+
+@pytest.mark.parametrize("head_only", [True, False])
+def test_dp_fine_tuning_of_the_head_or_of_all_layers(head_only):
+    model = wrn(3)
+    kd.transfer.load_backbone(model, perturbed(wrn(10)))
+    if head_only:
+        kd.transfer.freeze(model, until="pool")
+    before = {v.path: v.numpy() for v in model.weights}
+    model.compile(
+        optimizer=kd.DPSGD(
+            learning_rate=0.5, l2_norm_clip=1.0, noise_multiplier=1.0
+        ),
+        loss=LOSS,
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 3, size=8)
+    model.fit(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(8, True), verbose=0
+    )
+    changed = {
+        v.path for v in model.weights if not np.array_equal(before[v.path], v)
+    }
+    assert {p.split("/")[0] for p in changed} >= {"head"}
+    if head_only:
+        assert {p.split("/")[0] for p in changed} == {"head"}
+    else:
+        assert "stem_conv/kernel" in changed
+
+
+def tiny_nfnet(num_classes):
+    return kd.models.nfnet(
+        num_classes=num_classes, width=1 / 16, group_size=8,
+        depth=(1, 1, 1, 1), input_shape=(16, 16, 3),
+    )  # fmt: skip
+
+
+def official_keys(num_blocks, shortcut_blocks):
+    """Haiku module paths of the published NFNet checkpoints, by hand."""
+    modules = [f"NFNet/~/stem_conv{i}" for i in range(4)]
+    params = {m: ("w", "b", "gain") for m in modules}
+    for i in range(num_blocks):
+        block = "NFNet/~/nf_block" + (f"_{i}" if i else "")
+        params[block] = ("skip_gain",)
+        convs = ["conv0", "conv1", "conv1b", "conv2"]
+        convs += ["conv_shortcut"] if i in shortcut_blocks else []
+        for conv in convs:
+            params[f"{block}/~/{conv}"] = ("w", "b", "gain")
+        for linear in ("linear", "linear_1"):
+            params[f"{block}/~/squeeze_excite/~/{linear}"] = ("w", "b")
+    params["NFNet/~/final_conv"] = ("w", "b", "gain")
+    params["NFNet/~/linear"] = ("w", "b")
+    return params
+
+
+def test_nfnet_key_map_has_the_published_module_count():
+    # The published F0 and F1 files hold 94 and 178 Haiku modules.
+    for variant, count in (("F0", 94), ("F1", 178)):
+        keys = kd.transfer.nfnet_key_map(
+            kd.models.nfnet(variant, input_shape=(None, None, 3))
+        )
+        assert len({k.rsplit("/", 1)[0] for k in keys}) == count
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "npz"])
+def test_load_nfnet_checkpoint_from_a_file_with_the_official_keys(
+    fmt, tmp_path
+):
+    # A synthetic checkpoint: the official key names, values by shape.
+    source = tiny_nfnet(1000)
+    by_key = kd.transfer.nfnet_key_map(source)
+    params = official_keys(num_blocks=4, shortcut_blocks={0, 1, 2, 3})
+    assert {f"{m}/{p}" for m, ps in params.items() for p in ps} == set(by_key)
+    rng = np.random.default_rng(0)
+    tree = {
+        m: {
+            p: rng.normal(size=by_key[f"{m}/{p}"].shape).astype("float32")
+            for p in ps
+        }
+        for m, ps in params.items()
+    }
+    path = str(tmp_path / "F0_haiku.npz")
+    if fmt == "pickle":  # how the published files are stored
+        with open(path, "wb") as f:
+            pickle.dump(tree, f)
+    else:
+        np.savez(
+            path, **{f"{m}/{p}": a for m in tree for p, a in tree[m].items()}
+        )
+    model = tiny_nfnet(3)  # a new head
+    head = model.get_layer("head").kernel.numpy()
+    assert kd.transfer.load_nfnet_checkpoint(model, path) == len(by_key) - 2
+    conv1b = model.get_layer("block2_conv1b")
+    np.testing.assert_array_equal(
+        conv1b.kernel, tree["NFNet/~/nf_block_2/~/conv1b"]["w"]
+    )
+    np.testing.assert_array_equal(
+        model.get_layer("block1_skip_gain").gain,
+        tree["NFNet/~/nf_block_1"]["skip_gain"],
+    )
+    se = model.get_layer("block0_squeeze_excite")
+    np.testing.assert_array_equal(
+        se.fc1.bias, tree["NFNet/~/nf_block/~/squeeze_excite/~/linear_1"]["b"]
+    )
+    np.testing.assert_array_equal(model.get_layer("head").kernel, head)
+    # With the head: 1000 classes load; a missing key fails loudly.
+    full = tiny_nfnet(1000)
+    kd.transfer.load_nfnet_checkpoint(full, path, exclude_head=False)
+    np.testing.assert_array_equal(
+        full.get_layer("head").kernel, tree["NFNet/~/linear"]["w"]
+    )
+    del tree["NFNet/~/final_conv"]
+    with open(path, "wb") as f:
+        pickle.dump(tree, f)
+    with pytest.raises(ValueError, match="missing"):
+        kd.transfer.load_nfnet_checkpoint(tiny_nfnet(3), path)
