@@ -2,7 +2,9 @@
 
 from keras_dpscale import accounting
 from keras_dpscale import callbacks
+from keras_dpscale import layers
 from keras_dpscale import models
+from keras_dpscale import transfer
 from keras_dpscale.dp_model import DPModel
 from keras_dpscale.dp_model import DPSequential
 from keras_dpscale.dp_model import make_private
@@ -12,7 +14,9 @@ from keras_dpscale.optimizers import DPSGD
 __all__ = [
     "accounting",
     "callbacks",
+    "layers",
     "models",
+    "transfer",
     "DPAdam",
     "DPModel",
     "DPSGD",

@@ -13,12 +13,12 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 import keras_dpscale as kd  # noqa: E402
+from keras_dpscale.data.synthetic import synthetic_images  # noqa: E402
 from keras_dpscale.models import wide_resnet  # noqa: E402
 
 flags.DEFINE_integer("num_examples", 4096, "Synthetic training examples.")
@@ -33,23 +33,10 @@ flags.DEFINE_integer("seed", 0, "Seed of the data and the initialization.")
 FLAGS = flags.FLAGS
 
 
-def synthetic_images(num_examples, seed, size=16, num_classes=10):
-    """Noisy images of one of `num_classes` fixed random patterns."""
-    rng = np.random.default_rng(seed)
-    patterns = np.random.default_rng(1234).normal(
-        size=(num_classes, size, size, 3)
-    )
-    labels = rng.integers(0, num_classes, size=num_examples).astype("int32")
-    images = patterns[labels] + 2.0 * rng.normal(
-        size=(num_examples,) + patterns.shape[1:]
-    )
-    return images.astype("float32"), labels
-
-
 def main(_):
     keras.utils.set_random_seed(FLAGS.seed)
-    x, y = synthetic_images(FLAGS.num_examples, FLAGS.seed)
-    x_test, y_test = synthetic_images(1024, FLAGS.seed + 1)
+    x, y = synthetic_images(FLAGS.num_examples, FLAGS.seed, size=16, noise=2.0)
+    x_test, y_test = synthetic_images(1024, FLAGS.seed + 1, size=16, noise=2.0)
     physical = FLAGS.batch_size // FLAGS.accumulation_steps
     train = (
         tf.data.Dataset.from_tensor_slices((x, y))

@@ -1,0 +1,495 @@
+"""Audited training runs through the real DP step, and their report."""
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_dpscale import dp_model
+from keras_dpscale import optimizers
+from keras_dpscale.auditing.canaries import DiracCanaries
+from keras_dpscale.auditing.canaries import draw_inclusion
+from keras_dpscale.auditing.canaries import input_space_canaries
+from keras_dpscale.auditing.statistics import OneRunResult
+from keras_dpscale.auditing.statistics import one_run_audit
+from keras_dpscale.data.synthetic import synthetic_images
+
+# ---------------------------------------------------------------------------
+# Training with canaries.
+# ---------------------------------------------------------------------------
+
+
+def poisson_masks(in_training_set, sampling_rate, steps, seed):
+    """Which rows each step's batch holds: `[steps, rows]` 0/1 float32.
+
+    Row j is in the batch of a step with probability `sampling_rate` if it
+    is in the training set, never otherwise (Poisson sampling; rate 1: every
+    step is the whole training set). The batches keep all rows, with a mask,
+    so that their shape is static and does not depend on the data.
+    """
+    in_training_set = np.asarray(in_training_set, dtype=bool)
+    rng = np.random.default_rng([seed, 4])
+    sampled = rng.random((steps, len(in_training_set))) < sampling_rate
+    return (sampled & in_training_set).astype(np.float32)
+
+
+def train_with_canaries(
+    model,
+    inputs,
+    labels,
+    in_training_set,
+    *,
+    steps,
+    sampling_rate=1.0,
+    learning_rate=1.0,
+    l2_norm_clip=1.0,
+    noise_multiplier=None,
+    target_epsilon=None,
+    delta=1e-5,
+    accountant="pld",
+    accumulation_steps=1,
+    seed=0,
+    noise_seed=None,
+):
+    """Trains `model` with the library's DP-SGD on a masked row set.
+
+    The candidate rows are the ordinary examples and all m canaries; the
+    training set is the rows with `in_training_set` (excluded canaries never
+    join a batch). Each step samples the training set with probability
+    `sampling_rate` per row (`poisson_masks`), so the optimizer runs with
+    `sampling="poisson"`, the logical batch size B = round(q N) and
+    num_examples N = the number of candidate rows: public constants that do
+    not depend on which canaries are included, as the one-run analysis
+    requires. The accountant's epsilon is then exact for this sampling.
+
+    Args:
+        model: a compiled-or-not `DPModel` (it is compiled here).
+        inputs: the model's inputs for all rows (array or tuple of arrays).
+        labels: `[rows]` int labels.
+        in_training_set: `[rows]` booleans.
+        steps: T, the number of DP-SGD steps.
+        sampling_rate: q in (0, 1].
+        learning_rate, l2_norm_clip, noise_multiplier, target_epsilon,
+            accountant, noise_seed: as `DPSGD` (give noise_multiplier or
+            target_epsilon).
+        delta: the delta of the claimed epsilon.
+        accumulation_steps: k; each step's rows are cut into k physical
+            batches (padded with never-sampled rows to a multiple of k).
+        seed: the seed of the batch sampling.
+
+    Returns:
+        The trained model's `DPSGD` optimizer.
+    """
+    if not 0 < sampling_rate <= 1:
+        raise ValueError(
+            f"sampling_rate must be in (0, 1], got {sampling_rate}."
+        )
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    labels = np.asarray(labels)
+    rows = len(labels)
+    batch_size = max(1, round(sampling_rate * rows))
+    masks = poisson_masks(in_training_set, batch_size / rows, steps, seed)
+    k = int(accumulation_steps)
+    padding = -rows % k  # copies of row 0 that are never sampled
+    pad = lambda a: np.concatenate([a, np.repeat(a[:1], padding, 0)])
+    inputs = tuple(pad(np.asarray(x)) for x in inputs)
+    labels = pad(labels)
+    masks = np.concatenate([masks, np.zeros((steps, padding), np.float32)], 1)
+    # Step t's physical batch j holds rows [j, j + 1) * (rows + padding) / k.
+    masks = masks.reshape(steps * k, -1)
+    optimizer = optimizers.DPSGD(
+        learning_rate=learning_rate,
+        momentum=0.0,
+        l2_norm_clip=l2_norm_clip,
+        noise_multiplier=noise_multiplier,
+        target_epsilon=target_epsilon,
+        steps=steps if target_epsilon is not None else None,
+        batch_size=batch_size,
+        num_examples=rows,
+        target_delta=delta,
+        sampling="poisson",
+        accountant=accountant,
+        accumulation_steps=k,
+        noise_seed=noise_seed,
+    )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    chunks = [tf.constant(np.stack(np.split(x, k))) for x in inputs]
+    targets = tf.constant(np.stack(np.split(labels, k)))
+
+    def batch(index, mask):
+        j = index % k
+        features = tuple(c[j] for c in chunks)
+        features = features if len(features) > 1 else features[0]
+        return features, targets[j], {dp_model.MASK: mask}
+
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (np.arange(steps * k), masks)
+    ).map(tf.autograph.experimental.do_not_convert(batch))
+    model.fit(dataset, epochs=1, verbose=0)
+    if int(optimizer.iterations) != steps:
+        raise RuntimeError(
+            f"Training stopped after {int(optimizer.iterations)} of {steps} "
+            "steps (privacy budget?)."
+        )
+    return optimizer
+
+
+@dataclasses.dataclass
+class AuditResult:
+    """An audited training run: the claim and the measured lower bound.
+
+    Attributes:
+        kind: "whitebox" or "blackbox".
+        claimed_epsilon: epsilon of the run from the optimizer's ledger.
+        delta: its delta (also the delta of the lower bound).
+        one_run: the `OneRunResult`.
+        scores: `[m]` canary scores.
+        included: `[m]` booleans.
+        settings: the run's settings (for the report).
+        runtime_s: wall time of training and scoring.
+    """
+
+    kind: str
+    claimed_epsilon: float
+    delta: float
+    one_run: OneRunResult
+    scores: np.ndarray
+    included: np.ndarray
+    settings: dict
+    runtime_s: float
+
+    @property
+    def epsilon_lower_bound(self):
+        return self.one_run.epsilon_lower_bound
+
+    @property
+    def ratio(self):
+        """Audited lower bound / claimed epsilon (1 would be a tight audit)."""
+        if self.claimed_epsilon == 0:
+            return math.inf if self.epsilon_lower_bound > 0 else 0.0
+        return self.epsilon_lower_bound / self.claimed_epsilon
+
+    def to_dict(self):
+        """The report's JSON fields (scores summarized, not listed)."""
+        included = np.asarray(self.included, bool)
+        return dict(
+            kind=self.kind,
+            claimed_epsilon=self.claimed_epsilon,
+            delta=self.delta,
+            epsilon_lower_bound=self.epsilon_lower_bound,
+            confidence=self.one_run.confidence,
+            ratio=self.ratio,
+            detected=bool(self.epsilon_lower_bound > self.claimed_epsilon),
+            m=self.one_run.m,
+            num_included=self.one_run.num_included,
+            num_guesses=self.one_run.num_guesses,
+            num_correct=self.one_run.num_correct,
+            k_plus=self.one_run.k_plus,
+            k_minus=self.one_run.k_minus,
+            tried=self.one_run.tried,
+            score_mean_included=float(np.mean(self.scores[included])),
+            score_mean_excluded=float(np.mean(self.scores[~included])),
+            settings=self.settings,
+            runtime_s=self.runtime_s,
+        )
+
+
+def _audit(
+    kind,
+    optimizer,
+    scores,
+    included,
+    delta,
+    confidence,
+    guess_counts,
+    settings,
+    start,
+):
+    claimed = float(optimizer.epsilon(delta))
+    settings = dict(
+        settings,
+        noise_multiplier=float(optimizer.noise_multiplier),
+        batch_size=int(optimizer.batch_size),
+        num_examples=int(optimizer.num_examples),
+        privacy_statement=optimizer.privacy_statement(delta),
+    )
+    return AuditResult(
+        kind=kind,
+        claimed_epsilon=claimed,
+        delta=delta,
+        one_run=one_run_audit(
+            scores, included, delta, confidence, guess_counts
+        ),
+        scores=np.asarray(scores, np.float64),
+        included=np.asarray(included, bool),
+        settings=settings,
+        runtime_s=time.time() - start,
+    )
+
+
+def whitebox_audit(
+    num_canaries=1000,
+    num_ordinary=256,
+    num_features=8,
+    num_classes=3,
+    steps=10,
+    sampling_rate=1.0,
+    learning_rate=1.0,
+    l2_norm_clip=1.0,
+    noise_multiplier=None,
+    target_epsilon=4.0,
+    delta=1e-5,
+    accumulation_steps=1,
+    canary_gradient_norm=10.0,
+    confidence=0.95,
+    guess_counts=None,
+    seed=0,
+    noise_seed=None,
+):
+    """One-run white-box audit of the DP step with Dirac canaries.
+
+    A linear classifier on `num_ordinary` synthetic examples, followed by
+    `DiracCanaries(m)`; m canary rows, each included with probability 1/2
+    (`draw_inclusion`). Trains with `train_with_canaries` (the real
+    `DPModel` step and `DPSGD`), scores canary i by v_i(T) - v_i(0), and
+    runs `one_run_audit`. With `sampling_rate` 1 the run is the Gaussian
+    mechanism composed T times, whose epsilon the accountant states exactly,
+    and the final v is a sufficient statistic for it: the setting in which
+    the one-run audit is tightest.
+
+    Args:
+        num_canaries: m.
+        num_ordinary, num_features, num_classes: the ordinary data.
+        steps, sampling_rate, learning_rate, l2_norm_clip, noise_multiplier,
+            target_epsilon, delta, accumulation_steps, noise_seed: see
+            `train_with_canaries`.
+        canary_gradient_norm: see `DiracCanaries`.
+        confidence, guess_counts: see `one_run_audit`.
+        seed: the seed of the data, the inclusion, the sampling and (through
+            `keras.utils.set_random_seed`, a global setting) the model's
+            initialization. The noise has its own `noise_seed`.
+
+    Returns:
+        An `AuditResult`.
+    """
+    start = time.time()
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng([seed, 5])
+    teacher = rng.normal(size=(num_features, num_classes))
+    x = rng.normal(size=(num_ordinary, num_features))
+    y = np.argmax(x @ teacher, axis=1)
+    m = num_canaries
+    inputs = (
+        np.concatenate([x, np.zeros((m, num_features))]).astype(np.float32),
+        np.concatenate([-np.ones(num_ordinary), np.arange(m)]).astype(np.int32),
+    )
+    labels = np.concatenate([y, np.zeros(m)]).astype(np.int32)
+    included = draw_inclusion(m, seed)
+    in_training_set = np.concatenate([np.ones(num_ordinary, bool), included])
+
+    features = keras.Input((num_features,), name="features")
+    canary_index = keras.Input((), dtype="int32", name="canary_index")
+    logits = keras.layers.Dense(num_classes)(features)
+    canaries = DiracCanaries(m, canary_gradient_norm)
+    model = dp_model.DPModel(
+        [features, canary_index], canaries([logits, canary_index])
+    )
+    initial = canaries.canary_weights.numpy().copy()
+    optimizer = train_with_canaries(
+        model,
+        inputs,
+        labels,
+        in_training_set,
+        steps=steps,
+        sampling_rate=sampling_rate,
+        learning_rate=learning_rate,
+        l2_norm_clip=l2_norm_clip,
+        noise_multiplier=noise_multiplier,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        accumulation_steps=accumulation_steps,
+        seed=seed,
+        noise_seed=noise_seed,
+    )
+    scores = canaries.canary_weights.numpy() - initial
+    settings = dict(
+        num_canaries=m,
+        num_ordinary=num_ordinary,
+        steps=steps,
+        sampling_rate=sampling_rate,
+        learning_rate=learning_rate,
+        l2_norm_clip=l2_norm_clip,
+        target_epsilon=target_epsilon,
+        accumulation_steps=accumulation_steps,
+        canary_gradient_norm=canary_gradient_norm,
+        seed=seed,
+    )
+    return _audit(
+        "whitebox",
+        optimizer,
+        scores,
+        included,
+        delta,
+        confidence,
+        guess_counts,
+        settings,
+        start,
+    )
+
+
+def blackbox_audit(
+    num_canaries=500,
+    canary_kind="mislabeled",
+    num_ordinary=2000,
+    image_size=8,
+    num_classes=10,
+    hidden_units=64,
+    steps=100,
+    sampling_rate=0.2,
+    learning_rate=0.5,
+    l2_norm_clip=1.0,
+    noise_multiplier=None,
+    target_epsilon=8.0,
+    delta=1e-5,
+    accumulation_steps=1,
+    confidence=0.95,
+    guess_counts=None,
+    seed=0,
+    noise_seed=None,
+):
+    """One-run black-box audit with input-space canaries (images).
+
+    A small MLP on synthetic images (`synthetic_images`) plus m canary images
+    (`input_space_canaries`: mislabeled or out-of-distribution), each
+    included with probability 1/2. After DP training, the score of a canary
+    is minus its loss under the final model (only the model's outputs are
+    used: black box).
+
+    Args:
+        num_canaries: m.
+        canary_kind: "mislabeled" or "ood".
+        num_ordinary, image_size, num_classes: the ordinary data.
+        hidden_units: width of the MLP's hidden layer.
+        steps, sampling_rate, learning_rate, l2_norm_clip, noise_multiplier,
+            target_epsilon, delta, accumulation_steps, noise_seed: see
+            `train_with_canaries`.
+        confidence, guess_counts: see `one_run_audit`.
+        seed: the seed of the data, the inclusion, the sampling and (through
+            `keras.utils.set_random_seed`, a global setting) the model's
+            initialization. The noise has its own `noise_seed`.
+
+    Returns:
+        An `AuditResult`.
+    """
+    start = time.time()
+    keras.utils.set_random_seed(seed)
+    x, y = synthetic_images(num_ordinary, seed, image_size, num_classes)
+    cx, cy = input_space_canaries(
+        num_canaries, canary_kind, image_size, num_classes, seed
+    )
+    included = draw_inclusion(num_canaries, seed)
+    in_training_set = np.concatenate([np.ones(num_ordinary, bool), included])
+    model = dp_model.DPSequential(
+        [
+            keras.Input(x.shape[1:]),
+            keras.layers.Flatten(),
+            keras.layers.Dense(hidden_units, activation="relu"),
+            keras.layers.Dense(num_classes),
+        ]
+    )
+    optimizer = train_with_canaries(
+        model,
+        np.concatenate([x, cx]),
+        np.concatenate([y, cy]),
+        in_training_set,
+        steps=steps,
+        sampling_rate=sampling_rate,
+        learning_rate=learning_rate,
+        l2_norm_clip=l2_norm_clip,
+        noise_multiplier=noise_multiplier,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        accumulation_steps=accumulation_steps,
+        seed=seed,
+        noise_seed=noise_seed,
+    )
+    logits = model.predict(cx, batch_size=1024, verbose=0)
+    losses = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None
+    )(cy, logits)
+    scores = -np.asarray(losses, np.float64)
+    settings = dict(
+        num_canaries=num_canaries,
+        canary_kind=canary_kind,
+        num_ordinary=num_ordinary,
+        steps=steps,
+        sampling_rate=sampling_rate,
+        learning_rate=learning_rate,
+        l2_norm_clip=l2_norm_clip,
+        target_epsilon=target_epsilon,
+        accumulation_steps=accumulation_steps,
+        seed=seed,
+    )
+    return _audit(
+        "blackbox",
+        optimizer,
+        scores,
+        included,
+        delta,
+        confidence,
+        guess_counts,
+        settings,
+        start,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Report.
+# ---------------------------------------------------------------------------
+
+
+def write_report(result, output_dir):
+    """Writes `report.json` and `scores.png` (histograms, in vs out).
+
+    Args:
+        result: an `AuditResult`.
+        output_dir: the folder (created if needed).
+
+    Returns:
+        `(json_path, png_path)`.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    json_path = os.path.join(output_dir, "report.json")
+    with open(json_path, "w") as f:
+        json.dump(result.to_dict(), f, indent=2)
+    import matplotlib  # lazily: only the report needs it
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    included = np.asarray(result.included, bool)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.histogram_bin_edges(result.scores, bins=40)
+    ax.hist(result.scores[included], bins, alpha=0.6, label="included")
+    ax.hist(result.scores[~included], bins, alpha=0.6, label="excluded")
+    ax.set_xlabel("canary score")
+    ax.set_ylabel("canaries")
+    ax.set_title(
+        f"{result.kind}: claimed eps {result.claimed_epsilon:.3g}, audited "
+        f">= {result.epsilon_lower_bound:.3g} "
+        f"({100 * result.one_run.confidence:g}%)",
+        fontsize=9,
+    )
+    ax.legend()
+    png_path = os.path.join(output_dir, "scores.png")
+    fig.savefig(png_path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return json_path, png_path
