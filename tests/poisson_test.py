@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 import keras_dpscale as kd
 from keras_dpscale import accounting
@@ -77,12 +78,109 @@ def test_accumulation_cuts_a_logical_batch_into_physical_ones():
         )
     )
     assert len(physical) == 4
+    rows = accounting.poisson_max_batch_size(N, B, 1e-18)
     for i, (x, _, m) in enumerate(logical):
         parts = physical[2 * i : 2 * i + 2]
-        joined = np.concatenate([p[2]["dp_mask"] for p in parts])
-        mask = np.asarray(m["dp_mask"])  # m rounded up to a multiple of 2
-        np.testing.assert_array_equal(joined[: len(mask)], mask)
-        assert not joined[len(mask) :].any()
+        assert len(m["dp_mask"]) == rows
+        assert [len(p[2]["dp_mask"]) for p in parts] == [-(-rows // 2)] * 2
+        joined = np.concatenate(
+            [example_ids(p[0], p[2]["dp_mask"]) for p in parts]
+        )
+        # The same sample (same seed and step), cut into two batches.
+        np.testing.assert_array_equal(
+            np.sort(joined), np.sort(example_ids(x, m["dp_mask"]))
+        )
+
+
+@pytest.mark.parametrize("replicas, pipelines", [(2, 1), (4, 2)])
+def test_replicas_and_hosts_share_one_global_sample(replicas, pipelines):
+    images, labels = arrays()
+    single = list(
+        data.poisson_dataset(
+            images, labels, B, 7, steps=3, accumulation_steps=2
+        )
+    )
+    per_pipeline = [
+        list(
+            data.poisson_dataset(
+                images,
+                labels,
+                B,
+                7,
+                steps=3,
+                accumulation_steps=2,
+                input_context=tf.distribute.InputContext(
+                    num_input_pipelines=pipelines,
+                    input_pipeline_id=p,
+                    num_replicas_in_sync=replicas,
+                ),
+            )
+        )
+        for p in range(pipelines)
+    ]
+    local = replicas // pipelines
+    per_step = 2 * local  # accumulation_steps x local replicas
+    for step in range(3):
+        want = np.concatenate(
+            [
+                example_ids(x, m["dp_mask"])
+                for x, _, m in single[2 * step : 2 * step + 2]
+            ]
+        )
+        got = []
+        for batches in per_pipeline:
+            assert len(batches) == 3 * per_step
+            for x, _, m in batches[step * per_step : (step + 1) * per_step]:
+                got.append(example_ids(x, m["dp_mask"]))
+        got = np.concatenate(got)
+        assert len(set(got)) == len(got)  # no example on two replicas
+        # Rows are rounded to a multiple of k * replicas, so the order may
+        # differ from one host's; the sample is the same.
+        np.testing.assert_array_equal(np.sort(got), np.sort(want))
+
+
+class ListSource:
+    """A random-access source of variable-size images, like tfds'."""
+
+    def __init__(self, n):
+        self.n = n
+        self.reads = []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.reads.append(i)
+        size = 6 + i % 5  # images of different sizes
+        image = np.full((size, size, 1), i % 256, np.uint8)
+        image[0, 1, 0] = i // 256
+        return {"image": image, "label": i % 3}
+
+
+def test_source_dataset_reads_only_the_sampled_examples():
+    source = ListSource(N)
+
+    def preprocess(image):  # fixed size, keeps the id pixels
+        image = tf.image.crop_to_bounding_box(image, 0, 0, 6, 6)
+        return data.normalize(tf.image.resize(image, (8, 8), "nearest"))
+
+    ds = data.poisson_source_dataset(
+        source, B, seed=8, preprocess=preprocess, steps=20, num_views=2,
+        augment=lambda x, seed: x,
+    )  # fmt: skip
+    sizes, reads = [], 0
+    for x, y, m in ds:
+        mask = m["dp_mask"].numpy()
+        assert x.shape[1:] == (2, 8, 8, 1)
+        ids = example_ids(x[:, 0], mask)
+        np.testing.assert_array_equal(np.asarray(y)[mask > 0], ids % 3)
+        assert np.all(np.asarray(x)[mask == 0] == 0)
+        sizes.append(mask.sum())
+    rows = accounting.poisson_max_batch_size(N, B, 1e-18)
+    assert len(mask) == rows
+    assert abs(np.mean(sizes) - B) < 6 * np.sqrt(B / 20)
+    # Reads: the sampled examples, plus one placeholder read per padding row.
+    assert len(source.reads) == 20 * rows + 1  # + 1: the channel count
 
 
 def test_overflow_probability_and_max_batch_size():
@@ -124,3 +222,57 @@ def test_dp_training_on_poisson_batches_is_accounted(accumulation_steps):
     want = accounting.compute_epsilon(1.0, B, N, 6, 1e-5)
     assert history.history["epsilon"][-1] == pytest.approx(want)
     assert "truncation adds" in opt.privacy_statement()
+
+
+class PoissonArrayRecordTest(tfds.core.GeneratorBasedBuilder):
+    """A tiny tfds dataset of variable-size JPEG-free images."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "label": tfds.features.ClassLabel(num_classes=3),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(60)}
+
+    def _generate_examples(self, n):
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            size = 9 + i % 4
+            image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            yield i, {"image": image, "label": i % 3}
+
+
+def test_poisson_from_a_tfds_array_record_data_source(tmp_path):
+    pytest.importorskip("array_record")
+    builder = PoissonArrayRecordTest(
+        data_dir=str(tmp_path), file_format="array_record"
+    )
+    builder.download_and_prepare()
+    source = tfds.data_source(
+        "poisson_array_record_test", data_dir=str(tmp_path), split="train"
+    )
+    ds = data.train_dataset(
+        source,
+        batch_size=6,
+        seed=0,
+        steps=3,
+        num_views=2,
+        preprocess=lambda image: data.imagenet.preprocess(
+            image, image_size=8, train=True, augmult=True
+        ),
+        augment=data.imagenet.augmult_crops(8),
+    )
+    rows = accounting.poisson_max_batch_size(60, 6, 1e-18)
+    for x, y, m in ds:
+        assert x.shape == (rows, 2, 8, 8, 3)
+        assert np.all(np.isfinite(x))
+        assert 0 < float(tf.reduce_sum(m["dp_mask"])) <= rows

@@ -1,6 +1,7 @@
 """Data sources: IDX files, ImageFolder trees and tarballs, tfds, the error."""
 
 import gzip
+import io
 import os
 import struct
 import tarfile
@@ -93,6 +94,28 @@ def test_missing_data_lists_what_was_tried(tmp_path):
     for tried in ("ImageFolder", "tfds 'cifar10'", "Debian package"):
         assert tried in message
     assert "apt-get install dataset-fashion-mnist" in message
+
+
+def test_tfds_manual_dir_archive_is_used_and_checksummed(tmp_path):
+    # A CIFAR-10 archive under the official name, in manual_dir: tfds takes
+    # it instead of downloading, and rejects it by its checksum (a real
+    # archive would pass), so a corrupt manual file fails loudly.
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    with tarfile.open(manual / "cifar-10-binary.tar.gz", "w:gz") as tar:
+        record = bytes(1 + 3072)
+        info = tarfile.TarInfo("cifar-10-batches-bin/test_batch.bin")
+        info.size = len(record)
+        tar.addfile(info, io.BytesIO(record))
+    with pytest.raises(data.DataNotFoundError) as error:
+        data.load(
+            "cifar10",
+            data_dir=str(tmp_path / "tfds"),
+            manual_dir=str(manual),
+        )
+    message = str(error.value)
+    assert "NonMatchingChecksumError" in message
+    assert str(manual / "cifar-10-binary.tar.gz") in message
 
 
 SHARED_CIFAR = os.path.join(

@@ -37,3 +37,29 @@ def test_bad_arguments_raise():
         )
     with pytest.raises(ValueError, match="sampling must be"):
         data.train_dataset(examples(), 20, sampling="uniform")
+
+
+def test_random_access_source_is_read_by_index():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(200, 8, 8, 3)).astype(np.uint8)
+    source = [(images[i], i % 10) for i in range(200)]  # len and [i]
+    x, y, extra = next(
+        iter(data.train_dataset(source, 20, seed=2, augment=lambda x, s: x))
+    )
+    rows = accounting.poisson_max_batch_size(200, 20, 1e-18)
+    assert x.shape == (rows, 8, 8, 3)
+    # The same sample as the in-memory pipeline with the same seed.
+    x2, y2, extra2 = next(
+        iter(
+            data.train_dataset(
+                tf.data.Dataset.from_tensor_slices(
+                    (images, np.arange(200) % 10)
+                ),
+                20,
+                seed=2,
+            )
+        )
+    )
+    np.testing.assert_array_equal(extra["dp_mask"], extra2["dp_mask"])
+    np.testing.assert_allclose(x, x2)
+    np.testing.assert_array_equal(y, y2)

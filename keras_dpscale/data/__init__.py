@@ -7,6 +7,7 @@ from keras_dpscale.data.pipeline import eval_dataset
 from keras_dpscale.data.pipeline import normalize
 from keras_dpscale.data.pipeline import shuffled_dataset
 from keras_dpscale.data.poisson import poisson_dataset
+from keras_dpscale.data.poisson import poisson_source_dataset
 from keras_dpscale.data.sources import DataNotFoundError
 from keras_dpscale.data.sources import load
 from keras_dpscale.data.sources import load_arrays
@@ -21,6 +22,7 @@ __all__ = [
     "load_arrays",
     "normalize",
     "poisson_dataset",
+    "poisson_source_dataset",
     "random_crop_flip",
     "shuffled_dataset",
     "train_dataset",

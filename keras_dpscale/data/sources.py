@@ -100,7 +100,8 @@ def _from_tfds(name, split, data_dir, manual_dir):
             )
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(
-                manual_dir=manual_dir, download_mode="reuse_cache_if_exists"
+                manual_dir=manual_dir,
+                download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS,
             )
         )
     return builder.as_dataset(

@@ -1,5 +1,7 @@
 """`train_dataset`: the library's training pipeline, Poisson-sampled by default."""
 
+import tensorflow as tf
+
 from keras_dpscale.data import augment as augment_lib
 from keras_dpscale.data import pipeline
 from keras_dpscale.data import poisson
@@ -20,10 +22,13 @@ def train_dataset(
     """Training batches for a DP model, with the sampling the accountant needs.
 
     Args:
-        examples: a `tf.data.Dataset` of `(uint8 image, label)` (`load`).
+        examples: a `tf.data.Dataset` of `(uint8 image, label)` (`load`),
+            held in memory for Poisson sampling; or a random-access source
+            (`len` and `[i]`, such as `tfds.data_source`), read by index
+            (`poisson.poisson_source_dataset`; Poisson only).
         batch_size: B, the (expected) logical batch size.
         seed: the seed of the sampling and the augmentations.
-        sampling: "poisson" (default; the examples are held in memory) or
+        sampling: "poisson" (default) or
             "shuffle" (shuffled fixed-size batches, streamed). Compile with
             `DPSGD(sampling=<the same>, batch_size=B, ...)`.
         num_views: K for augmentation multiplicity, or None.
@@ -37,6 +42,17 @@ def train_dataset(
         Poisson: `(x, y, {"dp_mask": mask})` batches of a fixed padded size;
         shuffle: `(x, y)` batches of `batch_size / accumulation_steps`.
     """
+    if sampling == "poisson" and _random_access(examples):
+        return poisson.poisson_source_dataset(
+            examples,
+            batch_size,
+            seed,
+            steps=steps,
+            accumulation_steps=accumulation_steps,
+            num_views=num_views,
+            augment=augment,
+            **kwargs,
+        )
     if sampling == "poisson":
         images, labels = sources.to_arrays(examples)
         return poisson.poisson_dataset(
@@ -66,4 +82,10 @@ def train_dataset(
         )
     raise ValueError(
         f"sampling must be 'poisson' or 'shuffle', got {sampling!r}."
+    )
+
+
+def _random_access(examples):
+    return not isinstance(examples, tf.data.Dataset) and all(
+        hasattr(examples, a) for a in ("__len__", "__getitem__")
     )
