@@ -45,6 +45,12 @@ class DPTrainer:
                 f"or keras_dpscale.DPAdam(...); got {optimizer!r}."
             )
         check_layers(self)
+        strategy = tf.distribute.get_strategy()
+        self._jit_per_replica = bool(jit_compile) and _is_mirrored(strategy)
+        if self._jit_per_replica:
+            # XLA cannot compile one program over several devices' variables
+            # (Mirrored strategies): compile each replica's step instead.
+            jit_compile = False
         super().compile(optimizer, *args, jit_compile=jit_compile, **kwargs)
 
     def fit(self, *args, callbacks=None, **kwargs):
@@ -68,15 +74,34 @@ class DPTrainer:
         if self.built and not self.optimizer.built:
             # Variables created while tracing make TensorFlow trace the
             # (costly, vectorized) train step a second time.
-            self.optimizer.build(self.trainable_variables)
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
         return super().fit(*args, callbacks=budget + others, **kwargs)
+
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' build on one symbolic batch (under tf.distribute), given
+        the batch that the model sees: without the Poisson mask, which is
+        not a loss weight, and with one of the augmult views."""
+        if data_batch is not None:
+            x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(
+                data_batch
+            )
+            if isinstance(sample_weight, dict) and set(sample_weight) == {MASK}:
+                sample_weight = None
+            if self._num_views(x) is not None:
+                x = x[:, 0]
+            data_batch = data_adapter_utils.pack_x_y_sample_weight(
+                x, y, sample_weight
+            )
+        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def compile_from_config(self, config):
         """Recompiles a loaded model (with its DP optimizer) through `compile`."""
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
         if self.built:
-            self.optimizer.build(self.trainable_variables)
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
 
     def train_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
@@ -122,14 +147,19 @@ class DPTrainer:
                 xi, yi, seed_generators, seeds, num_views
             )
 
-        grad_sum, losses, y_pred = clipping.clipped_gradient_sum(
-            loss_fn,
-            variables,
-            (*example, example_seeds),
-            optimizer.l2_norm_clip,
-            optimizer.microbatch_size,
-            mask,
-        )
+        def clipped_sum(example, mask):
+            return clipping.clipped_gradient_sum(
+                loss_fn,
+                variables,
+                example,
+                optimizer.l2_norm_clip,
+                optimizer.microbatch_size,
+                mask,
+            )
+
+        if getattr(self, "_jit_per_replica", False):
+            clipped_sum = tf.function(clipped_sum, jit_compile=True)
+        grad_sum, losses, y_pred = clipped_sum((*example, example_seeds), mask)
         optimizer.apply_private_gradients(grad_sum, variables, batch_size)
         for sg in seed_generators:
             sg.next()
@@ -192,6 +222,17 @@ class DPTrainer:
         return loss, tf.nest.map_structure(
             lambda t: tf.reduce_mean(t, axis=0), y_pred
         )
+
+
+def _is_mirrored(strategy):
+    """True for the strategies that replicate over several local devices."""
+    return strategy.num_replicas_in_sync > 1 and isinstance(
+        strategy,
+        (
+            tf.distribute.MirroredStrategy,
+            tf.distribute.MultiWorkerMirroredStrategy,
+        ),
+    )
 
 
 def _seed_generators(model):

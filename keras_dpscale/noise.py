@@ -2,7 +2,9 @@
 
 The optimizer calls `add_gaussian_noise` once per logical batch, on the sum
 of clipped per-example gradients (after accumulation over physical batches),
-with standard deviation `noise_multiplier * l2_norm_clip`.
+with standard deviation `noise_multiplier * l2_norm_clip`. With several
+replicas, only the first adds it (the others add zero) before the update
+sums the replicas' gradients: one draw per logical batch.
 
 Seeds. The noise of logical step `t` is a function of `(noise_seed, t)`:
 `step_seed(noise_seed, t)`. A user-given `noise_seed` makes runs

@@ -248,7 +248,10 @@ class DPOptimizerMixin:
             return
         super().build(variables)
         self._micro_step = self.add_variable(
-            shape=(), dtype="int64", name="dp_micro_step"
+            shape=(),
+            dtype="int64",
+            aggregation="only_first_replica",
+            name="dp_micro_step",
         )
         self._noise_multiplier_var = self.add_variable(
             shape=(),
@@ -256,15 +259,22 @@ class DPOptimizerMixin:
             initializer=keras.initializers.Constant(
                 self._noise_multiplier or 0.0
             ),
+            aggregation="only_first_replica",
             name="dp_noise_multiplier",
         )
         # Rows (noise_multiplier, batch_size, sampling, max_batch_size,
         # steps); see `_record_step`.
         self._ledger = self.add_variable(
-            shape=(LEDGER_CAPACITY, 5), dtype="float64", name="dp_ledger"
+            shape=(LEDGER_CAPACITY, 5),
+            dtype="float64",
+            aggregation="only_first_replica",
+            name="dp_ledger",
         )
         self._ledger_size = self.add_variable(
-            shape=(), dtype="int64", name="dp_ledger_size"
+            shape=(),
+            dtype="int64",
+            aggregation="only_first_replica",
+            name="dp_ledger_size",
         )
         self._grad_sums = []
         if self.accumulation_steps > 1:
@@ -305,11 +315,17 @@ class DPOptimizerMixin:
             trainable_variables: the variables they belong to.
             physical_batch_size: the static batch dimension (or None).
         """
-        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        # The batch of all replicas: each one holds an equal part of it.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1 and self.accumulation_steps > 1:
             raise NotImplementedError(
-                "DP training across several replicas is not supported yet: "
-                "each replica would add its own noise. Train on one device."
+                "Gradient accumulation across several replicas is not "
+                "supported yet (the update would synchronize the replicas "
+                "inside a conditional). Use accumulation_steps=1 with more "
+                "replicas or larger per-replica batches, or one replica."
             )
+        if physical_batch_size is not None:
+            physical_batch_size *= replicas
         batch_size = self.logical_batch_size(physical_batch_size)
         # Rows of a logical batch in the pipeline (Poisson: the padded size).
         rows = self.accumulation_steps * (physical_batch_size or batch_size)
@@ -350,7 +366,17 @@ class DPOptimizerMixin:
         """The one place where noise is added: once per logical batch."""
         seed = noise.step_seed(self._seed, self.iterations)
         sigma = tf.convert_to_tensor(self._noise_multiplier_var)
-        stddev = sigma * self.l2_norm_clip
+        # Replicas' updates are summed (all-reduce): the first replica adds
+        # the step's one noise draw, the others none.
+        replica = tf.distribute.get_replica_context()
+        first = (
+            1.0
+            if replica is None
+            else tf.cast(
+                tf.equal(replica.replica_id_in_sync_group, 0), tf.float32
+            )
+        )
+        stddev = sigma * self.l2_norm_clip * first
         noisy_sum = noise.add_gaussian_noise(grad_sum, stddev, seed)
         self._record_step(sigma, batch_size, rows)
         scale = 1.0 / batch_size

@@ -168,7 +168,7 @@ def test_source_dataset_reads_only_the_sampled_examples():
         source, B, seed=8, preprocess=preprocess, steps=20, num_views=2,
         augment=lambda x, seed: x,
     )  # fmt: skip
-    sizes, reads = [], 0
+    sizes = []
     for x, y, m in ds:
         mask = m["dp_mask"].numpy()
         assert x.shape[1:] == (2, 8, 8, 1)

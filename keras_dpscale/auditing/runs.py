@@ -293,7 +293,6 @@ def whitebox_audit(
     )
     labels = np.concatenate([y, np.zeros(m)]).astype(np.int32)
     included = draw_inclusion(m, seed)
-    in_training_set = np.concatenate([np.ones(num_ordinary, bool), included])
 
     features = keras.Input((num_features,), name="features")
     canary_index = keras.Input((), dtype="int32", name="canary_index")
@@ -303,45 +302,23 @@ def whitebox_audit(
         [features, canary_index], canaries([logits, canary_index])
     )
     initial = canaries.canary_weights.numpy().copy()
-    optimizer = train_with_canaries(
+    return _train_and_audit(
+        "whitebox",
         model,
         inputs,
         labels,
-        in_training_set,
-        steps=steps,
-        sampling_rate=sampling_rate,
-        learning_rate=learning_rate,
-        l2_norm_clip=l2_norm_clip,
-        noise_multiplier=noise_multiplier,
-        target_epsilon=target_epsilon,
-        delta=delta,
-        accumulation_steps=accumulation_steps,
-        seed=seed,
-        noise_seed=noise_seed,
-    )
-    scores = canaries.canary_weights.numpy() - initial
-    settings = dict(
-        num_canaries=m,
-        num_ordinary=num_ordinary,
-        steps=steps,
-        sampling_rate=sampling_rate,
-        learning_rate=learning_rate,
-        l2_norm_clip=l2_norm_clip,
-        target_epsilon=target_epsilon,
-        accumulation_steps=accumulation_steps,
-        canary_gradient_norm=canary_gradient_norm,
-        seed=seed,
-    )
-    return _audit(
-        "whitebox",
-        optimizer,
-        scores,
         included,
-        delta,
-        confidence,
-        guess_counts,
-        settings,
-        start,
+        num_ordinary,
+        score=lambda: canaries.canary_weights.numpy() - initial,
+        training=_training(locals()),
+        settings=dict(
+            num_canaries=m,
+            num_ordinary=num_ordinary,
+            canary_gradient_norm=canary_gradient_norm,
+        ),
+        confidence=confidence,
+        guess_counts=guess_counts,
+        start=start,
     )
 
 
@@ -396,7 +373,6 @@ def blackbox_audit(
         num_canaries, canary_kind, image_size, num_classes, seed
     )
     included = draw_inclusion(num_canaries, seed)
-    in_training_set = np.concatenate([np.ones(num_ordinary, bool), included])
     model = dp_model.DPSequential(
         [
             keras.Input(x.shape[1:]),
@@ -405,48 +381,86 @@ def blackbox_audit(
             keras.layers.Dense(num_classes),
         ]
     )
-    optimizer = train_with_canaries(
+
+    def score():  # black box: minus each canary's loss
+        logits = model.predict(cx, batch_size=1024, verbose=0)
+        losses = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=None
+        )(cy, logits)
+        return -np.asarray(losses, np.float64)
+
+    return _train_and_audit(
+        "blackbox",
         model,
         np.concatenate([x, cx]),
         np.concatenate([y, cy]),
-        in_training_set,
-        steps=steps,
-        sampling_rate=sampling_rate,
-        learning_rate=learning_rate,
-        l2_norm_clip=l2_norm_clip,
-        noise_multiplier=noise_multiplier,
-        target_epsilon=target_epsilon,
-        delta=delta,
-        accumulation_steps=accumulation_steps,
-        seed=seed,
-        noise_seed=noise_seed,
-    )
-    logits = model.predict(cx, batch_size=1024, verbose=0)
-    losses = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=None
-    )(cy, logits)
-    scores = -np.asarray(losses, np.float64)
-    settings = dict(
-        num_canaries=num_canaries,
-        canary_kind=canary_kind,
-        num_ordinary=num_ordinary,
-        steps=steps,
-        sampling_rate=sampling_rate,
-        learning_rate=learning_rate,
-        l2_norm_clip=l2_norm_clip,
-        target_epsilon=target_epsilon,
-        accumulation_steps=accumulation_steps,
-        seed=seed,
-    )
-    return _audit(
-        "blackbox",
-        optimizer,
-        scores,
         included,
-        delta,
+        num_ordinary,
+        score=score,
+        training=_training(locals()),
+        settings=dict(
+            num_canaries=num_canaries,
+            canary_kind=canary_kind,
+            num_ordinary=num_ordinary,
+        ),
+        confidence=confidence,
+        guess_counts=guess_counts,
+        start=start,
+    )
+
+
+# The arguments of `train_with_canaries` that both audits take.
+_TRAINING = (
+    "steps",
+    "sampling_rate",
+    "learning_rate",
+    "l2_norm_clip",
+    "noise_multiplier",
+    "target_epsilon",
+    "delta",
+    "accumulation_steps",
+    "seed",
+    "noise_seed",
+)
+
+
+def _training(arguments):
+    return {name: arguments[name] for name in _TRAINING}
+
+
+def _train_and_audit(
+    kind,
+    model,
+    inputs,
+    labels,
+    included,
+    num_ordinary,
+    score,
+    training,
+    settings,
+    confidence,
+    guess_counts,
+    start,
+):
+    """Trains on the ordinary rows and the included canaries, then audits."""
+    in_training_set = np.concatenate([np.ones(num_ordinary, bool), included])
+    optimizer = train_with_canaries(
+        model, inputs, labels, in_training_set, **training
+    )
+    public = {
+        k: v
+        for k, v in training.items()
+        if k not in ("noise_seed", "noise_multiplier", "delta")
+    }
+    return _audit(
+        kind,
+        optimizer,
+        score(),
+        included,
+        training["delta"],
         confidence,
         guess_counts,
-        settings,
+        dict(settings, **public),
         start,
     )
 

@@ -1,5 +1,7 @@
 """`train_dataset`: the library's training pipeline, Poisson-sampled by default."""
 
+import functools
+
 import tensorflow as tf
 
 from keras_dpscale.data import augment as augment_lib
@@ -42,22 +44,13 @@ def train_dataset(
         Poisson: `(x, y, {"dp_mask": mask})` batches of a fixed padded size;
         shuffle: `(x, y)` batches of `batch_size / accumulation_steps`.
     """
-    if sampling == "poisson" and _random_access(examples):
-        return poisson.poisson_source_dataset(
-            examples,
-            batch_size,
-            seed,
-            steps=steps,
-            accumulation_steps=accumulation_steps,
-            num_views=num_views,
-            augment=augment,
-            **kwargs,
-        )
     if sampling == "poisson":
-        images, labels = sources.to_arrays(examples)
-        return poisson.poisson_dataset(
-            images,
-            labels,
+        if _random_access(examples):
+            sample = functools.partial(poisson.poisson_source_dataset, examples)
+        else:
+            images, labels = sources.to_arrays(examples)
+            sample = functools.partial(poisson.poisson_dataset, images, labels)
+        return sample(
             batch_size,
             seed,
             steps=steps,
