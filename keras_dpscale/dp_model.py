@@ -15,6 +15,7 @@ layer, any layer that updates state from the data during training, and
 import keras
 import tensorflow as tf
 from keras.src.backend.common.stateless_scope import StatelessScope
+from keras.src.backend.tensorflow import trainer as tf_trainer
 from keras.src.losses import loss as loss_module
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
@@ -77,6 +78,23 @@ class DPTrainer:
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
         return super().fit(*args, callbacks=budget + others, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' build on one batch under tf.distribute, from one replica's
+        part of it: Keras averages the replicas' parts with a collective
+        reduce, which fails eagerly under `MultiWorkerMirroredStrategy`."""
+        if self._distribute_strategy is None:
+            return
+        strategy = self.distribute_strategy
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0],
+                    next(it),
+                )
+                break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def _symbolic_build(self, iterator=None, data_batch=None):
         """Keras' build on one symbolic batch (under tf.distribute), given
@@ -171,7 +189,14 @@ class DPTrainer:
             tf.math.divide_no_nan(tf.reduce_sum(losses * mask), count),
             sample_weight=count,
         )
-        return self.compute_metrics(x, y, y_pred, sample_weight=mask)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=mask)
+        if tf_trainer._collective_all_reduce_multi_worker(
+            self.distribute_strategy
+        ):
+            # Keras averages the logs of several workers along axis 0,
+            # which scalars lack.
+            logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
 
     def _num_views(self, x):
         """K if `x` holds K augmented views per example (augmult), else None.

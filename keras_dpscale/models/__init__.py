@@ -4,14 +4,15 @@
     model = keras_dpscale.models.get("nfnet_f3", num_classes=1000)
 
 Names: `wrn_{depth}_{width}`, `nf_resnet_{depth}`, `nfnet_{variant}` (f0 to
-f6). Keyword arguments go to the builder (`wide_resnet`, `nf_resnet`,
-`nfnet`).
+f6), `tanh_cnn`. Keyword arguments go to the builder (`wide_resnet`,
+`nf_resnet`, `nfnet`, `tanh_cnn`).
 """
 
 import re
 
 from keras_dpscale.models.nf_resnet import nf_resnet
 from keras_dpscale.models.nfnet import nfnet
+from keras_dpscale.models.tanh_cnn import tanh_cnn
 from keras_dpscale.models.wide_resnet import wide_resnet
 
 _PATTERNS = (
@@ -22,6 +23,7 @@ _PATTERNS = (
     ),
     (r"nf_resnet_(\d+)", lambda d: dict(depth=int(d)), nf_resnet),
     (r"nfnet_(f\d)", lambda v: dict(variant=v.upper()), nfnet),
+    (r"tanh_cnn", lambda: {}, tanh_cnn),
 )
 
 
@@ -41,8 +43,8 @@ def get(name, **kwargs):
             return builder(**parse(*match.groups()), **kwargs)
     raise ValueError(
         f"Unknown model {name!r}: expected wrn_<depth>_<width>, "
-        "nf_resnet_<depth> or nfnet_f<0-6>."
+        "nf_resnet_<depth>, nfnet_f<0-6> or tanh_cnn."
     )
 
 
-__all__ = ["get", "nf_resnet", "nfnet", "wide_resnet"]
+__all__ = ["get", "nf_resnet", "nfnet", "tanh_cnn", "wide_resnet"]

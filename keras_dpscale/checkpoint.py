@@ -1,0 +1,455 @@
+"""Atomic checkpoints of DP training, and resuming it where it stopped.
+
+A checkpoint holds every variable of the model (weights, non-trainable
+variables and the layers' `SeedGenerator` states, so dropout continues its
+random stream) and of its optimizer (`iterations`, the learning rate,
+momentum and EMA averages, and the DP state: the privacy ledger, the
+micro-step, sigma and the gradient accumulators), with the training
+position: the logical step, the epoch and the physical batch within it.
+Checkpoints are taken at logical-step boundaries only, so the accumulators
+are empty and no half-accumulated batch is ever lost or counted twice.
+
+Atomicity. Each checkpoint is one `.npz` file written under a temporary name
+in the same directory, flushed and fsynced, then renamed (`os.replace`, atomic
+in POSIX) to `ckpt-<step>.npz`; only then is the small pointer file
+`checkpoint.json` (the newest name and position, for people and tools)
+replaced the same way, and the oldest checkpoints beyond `keep` deleted. A
+process killed at any moment (SIGKILL included) leaves the previous
+checkpoints intact and at worst a temporary file, which readers ignore and
+the next `Checkpoint` deletes. `restore` loads the newest checkpoint that
+reads back completely (zip CRCs checked), falling back to older ones.
+
+The noise seed is not saved (it is a secret: who knows it can remove the
+noise), so a resumed run draws fresh noise, which is as private. With a
+`noise_seed` given for tests, the noise of step t depends only on t, and a
+resumed run repeats an uninterrupted one exactly.
+
+Resuming (the launcher's recipe):
+
+```python
+ckpt = keras_dpscale.checkpoint.Checkpoint(directory, every_n_steps=100)
+state = keras_dpscale.checkpoint.restore(model, directory)  # None: fresh
+model.fit(
+    dataset,  # positioned at the start of epoch `state.epoch` (see below)
+    epochs=epochs,
+    initial_epoch=state.epoch if state else 0,
+    callbacks=[ckpt],
+)
+```
+
+`restore` runs before `fit`, so that `callbacks.PrivacyBudget` starts from
+the restored ledger; the final epsilon and step count are those of an
+uninterrupted run. In the first epoch the `Checkpoint` callback skips the
+`state.batch` physical batches that the interrupted run already trained on:
+it draws them from the dataset without training on them, so Keras' epochs,
+logs and callbacks keep their usual boundaries. The dataset must therefore
+start where epoch `state.epoch` started:
+
+- a dataset that `fit` iterates anew each epoch (no `steps_per_epoch`):
+  the same dataset;
+- one stream over all epochs with `steps_per_epoch=S` physical batches,
+  such as `data.poisson_dataset(..., steps=T)` (the sample of logical step
+  t is a function of the seed and t only): `stream.skip(state.epoch * S)`;
+  with the README's single-epoch `fit(stream, epochs=1)`, the stream itself.
+
+Data positions repeat exactly when the dataset is deterministic (Poisson
+sampling with a fixed seed); a shuffled dataset reshuffles in the new process,
+which the privacy accounting does not depend on.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import uuid
+import weakref
+import zipfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+FORMAT_VERSION = 1
+POINTER = "checkpoint.json"
+_PREFIX = "ckpt-"
+_NAME = re.compile(r"^ckpt-(\d+)\.npz$")
+_TEMP = re.compile(r"^\.ckpt-.*\.tmp-[0-9a-f]+$")
+
+# States that `restore` returned, for the `Checkpoint` callback of the next
+# `fit` to skip the batches of the current epoch that were already used.
+_RESTORED = weakref.WeakKeyDictionary()
+
+_log = logging.getLogger("keras_dpscale")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingState:
+    """Where a checkpointed run stood.
+
+    Attributes:
+        step: logical steps taken (`optimizer.iterations`).
+        epoch: the epoch to resume in: `fit(..., initial_epoch=epoch)`.
+        batch: physical batches of that epoch already trained on (Keras'
+            batch count; 0 at an epoch boundary).
+        path: the checkpoint file.
+    """
+
+    step: int
+    epoch: int
+    batch: int
+    path: str
+
+
+def _accumulation_steps(optimizer):
+    return int(getattr(optimizer, "accumulation_steps", 1))
+
+
+def _at_step_boundary(optimizer):
+    """True if no logical batch is half accumulated."""
+    micro_step = getattr(optimizer, "_micro_step", None)
+    if micro_step is None:
+        return True
+    return int(micro_step.numpy()) % _accumulation_steps(optimizer) == 0
+
+
+def _checked_optimizer(model):
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        raise ValueError("Checkpointing needs a compiled model.")
+    return optimizer
+
+
+def _variables(model):
+    """`(model variables, optimizer variables)`, in their fixed order."""
+    return list(model.variables), list(_checked_optimizer(model).variables)
+
+
+def _fsync_directory(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported on this platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(directory, name, write):
+    """Writes `name` in `directory` via a synced temporary and a rename."""
+    temp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(temp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    _fsync_directory(directory)
+
+
+def checkpoints(directory):
+    """The checkpoint files in `directory`, newest (highest step) first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = _NAME.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(directory, name)))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def save(model, directory, epoch, batch=0, keep=2):
+    """Writes a checkpoint of `model` and its optimizer, atomically.
+
+    Args:
+        model: a built, compiled model.
+        directory: where checkpoints go (created if missing).
+        epoch: the epoch that a resumed run starts in.
+        batch: physical batches of `epoch` already trained on.
+        keep: how many checkpoints to keep (the newest ones; at least 1).
+
+    Returns:
+        The path of the new checkpoint.
+
+    Raises:
+        ValueError: in the middle of a logical batch (the optimizer holds
+            gradients accumulated for a step not yet taken).
+    """
+    optimizer = _checked_optimizer(model)
+    if not optimizer.built:
+        raise ValueError(
+            "The optimizer has no variables yet: checkpoint after training "
+            "has started, or build it with optimizer.build(...)."
+        )
+    if not _at_step_boundary(optimizer):
+        raise ValueError(
+            "Checkpoints are taken between logical steps only: the optimizer "
+            "is in the middle of accumulating a logical batch."
+        )
+    os.makedirs(directory, exist_ok=True)
+    step = int(optimizer.iterations.numpy())
+    model_vars, optimizer_vars = _variables(model)
+    arrays = {f"model/{i}": v.numpy() for i, v in enumerate(model_vars)}
+    arrays.update(
+        {f"optimizer/{i}": v.numpy() for i, v in enumerate(optimizer_vars)}
+    )
+    meta = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "epoch": int(epoch),
+        "batch": int(batch),
+        "accumulation_steps": _accumulation_steps(optimizer),
+        "noise_multiplier": getattr(optimizer, "noise_multiplier", None),
+        "batch_size": getattr(optimizer, "batch_size", None),
+        "model_variables": [v.path for v in model_vars],
+        "optimizer_variables": [v.path for v in optimizer_vars],
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    name = f"{_PREFIX}{step:010d}.npz"
+    _write_atomically(directory, name, lambda f: np.savez(f, **arrays))
+    pointer = {
+        "latest": name,
+        **{k: meta[k] for k in ("step", "epoch", "batch")},
+    }
+    _write_atomically(
+        directory, POINTER, lambda f: f.write(json.dumps(pointer).encode())
+    )
+    for old in checkpoints(directory)[max(int(keep), 1) :]:
+        os.remove(old)
+    return os.path.join(directory, name)
+
+
+def _load(path):
+    """`(meta, arrays)` of a checkpoint, or None if it does not read back."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {key: f[key] for key in f.files}  # checks the CRCs
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unknown format {meta.get('format')}")
+        for kind in ("model", "optimizer"):
+            for i in range(len(meta[f"{kind}_variables"])):
+                if f"{kind}/{i}" not in arrays:
+                    raise KeyError(f"{kind} variable {i} is missing")
+        return meta, arrays
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        _log.warning("Skipping the unreadable checkpoint %s: %s", path, e)
+        return None
+
+
+def latest(directory):
+    """The path of the newest complete checkpoint in `directory`, or None."""
+    for path in checkpoints(directory):
+        if _load(path) is not None:
+            return path
+    return None
+
+
+def _assign(variables, arrays, kind, paths):
+    if len(variables) != len(paths):
+        raise ValueError(
+            f"The checkpoint has {len(paths)} {kind} variables, this model "
+            f"{len(variables)}: it was written for another model or "
+            "optimizer configuration (accumulation_steps, use_ema, momentum)."
+        )
+    values = [arrays[f"{kind}/{i}"] for i in range(len(paths))]
+    for v, value, path in zip(variables, values, paths):
+        if tuple(v.shape) != value.shape:
+            raise ValueError(
+                f"The checkpoint's {kind} variable '{path}' has shape "
+                f"{value.shape}, but '{v.path}' here has {tuple(v.shape)}."
+            )
+    for v, value in zip(variables, values):
+        v.assign(value)
+
+
+def restore(model, directory):
+    """Loads the newest complete checkpoint into a built, compiled model.
+
+    Restores every variable of the model and optimizer (see the module
+    docstring) and the optimizer's sigma and batch size (set
+    `optimizer.noise_multiplier` afterwards to change sigma: the ledger
+    records each step's), and remembers the position for the `Checkpoint`
+    callback of the next `fit`, which skips the batches of the current epoch
+    that were already used.
+
+    Args:
+        model: built and compiled as the checkpointed one was (the same
+            layers, optimizer class and options).
+        directory: the `Checkpoint` directory.
+
+    Returns:
+        A `TrainingState`, or None if there is no complete checkpoint (a
+        fresh start).
+    """
+    for path in checkpoints(directory):
+        loaded = _load(path)
+        if loaded is not None:
+            break
+    else:
+        return None
+    meta, arrays = loaded
+    if not model.built:
+        raise ValueError(
+            "restore needs a built model: build it (or call it on a batch) "
+            "before restoring."
+        )
+    optimizer = _checked_optimizer(model)
+    accumulation_steps = _accumulation_steps(optimizer)
+    if meta["batch"] and meta["accumulation_steps"] != accumulation_steps:
+        raise ValueError(
+            f"The checkpoint stopped within an epoch with "
+            f"accumulation_steps={meta['accumulation_steps']}; resume with "
+            f"the same (not {accumulation_steps}), or from an epoch end."
+        )
+    if not optimizer.built:
+        with model.distribute_strategy.scope():
+            optimizer.build(model.trainable_variables)
+    model_vars, optimizer_vars = _variables(model)
+    _assign(model_vars, arrays, "model", meta["model_variables"])
+    _assign(optimizer_vars, arrays, "optimizer", meta["optimizer_variables"])
+    if meta.get("noise_multiplier") is not None and hasattr(
+        optimizer, "noise_multiplier"
+    ):
+        optimizer.noise_multiplier = meta["noise_multiplier"]
+        optimizer.batch_size = meta["batch_size"]
+    state = TrainingState(meta["step"], meta["epoch"], meta["batch"], path)
+    _RESTORED[model] = state
+    _log.info(
+        "Restored %s: step %d, epoch %d, batch %d.",
+        path,
+        state.step,
+        state.epoch,
+        state.batch,
+    )
+    return state
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """Saves atomic checkpoints during `fit`; resumes at the saved batch.
+
+    Saves every `every_n_steps` logical steps (at the first logical-step
+    boundary after them) and at the end of each epoch, keeping the newest
+    `keep`. After `restore(model, directory)`, the first epoch of the next
+    `fit` skips the `state.batch` batches already trained on; `fit` must
+    then start at `initial_epoch=state.epoch` (it raises otherwise). See
+    the module docstring for the whole recipe.
+
+    Args:
+        directory: where the checkpoints go.
+        every_n_steps: logical steps between checkpoints; None: at epoch
+            ends only.
+        save_at_epoch_end: also save at the end of each epoch (when it ends
+            on a logical-step boundary).
+        keep: how many checkpoints to keep (>= 1).
+    """
+
+    def __init__(
+        self, directory, every_n_steps=None, save_at_epoch_end=True, keep=2
+    ):
+        super().__init__()
+        if every_n_steps is not None and int(every_n_steps) < 1:
+            raise ValueError(
+                f"every_n_steps must be None or >= 1, got {every_n_steps}."
+            )
+        if int(keep) < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}.")
+        self.directory = os.fspath(directory)
+        self.every_n_steps = every_n_steps
+        self.save_at_epoch_end = save_at_epoch_end
+        self.keep = int(keep)
+        self._resume = None
+        self._skip = 0
+        self._train_function = None
+
+    def _step(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+    def save(self, epoch, batch):
+        """Saves now (at a logical-step boundary); returns the path."""
+        path = save(self.model, self.directory, epoch, batch, self.keep)
+        self._last_saved = self._step()
+        _log.info("Saved %s.", path)
+        return path
+
+    def on_train_begin(self, logs=None):
+        os.makedirs(self.directory, exist_ok=True)
+        for name in os.listdir(self.directory):  # left by a killed writer
+            if _TEMP.match(name):
+                os.remove(os.path.join(self.directory, name))
+        self._last_saved = self._step()
+        self._epoch, self._batches = None, 0
+        self._resume = _RESTORED.pop(self.model, None)
+        if self._resume is not None and self._resume.batch:
+            self._skip = self._resume.batch
+            self._train_function = self.model.train_function
+            self.model.train_function = self._skipping_train_function
+
+    def _skipping_train_function(self, iterator):
+        """Draws `steps_per_execution` batches without training on them."""
+        for _ in range(int(self.model.steps_per_execution or 1)):
+            if self._skip == 0:
+                break
+            try:
+                next(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                raise StopIteration from None
+            self._skip -= 1
+        if self._skip == 0:
+            self._stop_skipping()
+        return {}
+
+    def _stop_skipping(self):
+        self._skip = 0
+        if self._train_function is not None:
+            self.model.train_function = self._train_function
+            self._train_function = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._resume is not None:
+            if epoch != self._resume.epoch:
+                self._stop_skipping()
+                raise ValueError(
+                    f"The restored run stopped in epoch {self._resume.epoch} "
+                    f"(batch {self._resume.batch}); pass initial_epoch="
+                    f"{self._resume.epoch} to fit, not {epoch}."
+                )
+            self._resume = None
+        elif self._epoch is not None:
+            self._stop_skipping()  # the dataset ended within the skip
+        self._epoch, self._batches = epoch, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches = batch + 1
+        if (
+            self.every_n_steps is not None
+            and self._step() - self._last_saved >= self.every_n_steps
+            and _at_step_boundary(self.model.optimizer)
+        ):
+            self.save(self._epoch, self._batches)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.save_at_epoch_end:
+            return
+        if not _at_step_boundary(self.model.optimizer):
+            _log.warning(
+                "Epoch %d ends within a logical batch (its batch count is "
+                "not a multiple of accumulation_steps): no checkpoint.",
+                epoch,
+            )
+            return
+        if self.model.stop_training:  # stopped within the epoch
+            self.save(epoch, self._batches)
+        else:
+            self.save(epoch + 1, 0)
+
+    def on_train_end(self, logs=None):
+        self._stop_skipping()

@@ -1,0 +1,252 @@
+"""Export a DP-trained model as a SavedModel that carries its privacy record.
+
+`export_saved_model(model, path)` writes a TensorFlow SavedModel through
+Keras' `keras.export.ExportArchive` (what `model.export` uses):
+
+* the endpoint `serve`, also the default serving signature
+  (`serving_default`): float32 images `[batch, H, W, C]` (input `images`) to
+  class probabilities, the softmax of the model's logits (output
+  `output_0`);
+* the optimizer's parameter averages (`use_ema=True`) in place of the raw
+  weights, by default, when it keeps them;
+* the privacy record (epsilon, delta, sigma, C, steps, batch size, dataset
+  size, sampling, accountant, the ledger and the one-line statement), in
+  three places that need nothing but TensorFlow to read:
+
+  ```python
+  import json
+  import tensorflow as tf
+
+  loaded = tf.saved_model.load(path)
+  record = json.loads(loaded.privacy_json.numpy())  # a string tf.Variable
+  # the same JSON, as a signature (also seen by `saved_model_cli show`):
+  loaded.signatures["privacy"]()["privacy_json"]
+  # and as a file: <path>/assets/privacy.json
+  probabilities = loaded.serve(images)  # or loaded.signatures["serve"]
+  ```
+
+Keras' `fit` already overwrites the weights with their averages when it
+ends, but a model saved mid-training (by a checkpoint callback) or trained
+with `train_on_batch` holds raw weights: the export uses the averages
+either way and leaves the model's own weights as they were.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+
+import keras
+import tensorflow as tf
+
+from keras_dpscale import optimizers
+
+PRIVACY_FILE = "privacy.json"
+
+
+def _uniform(values):
+    """The value if all are equal, else the list (None if there are none)."""
+    values = list(values)
+    if not values:
+        return None
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def _finite(value):
+    """`value`, with an infinite float as the string "inf" (valid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _require_private(optimizer):
+    if not optimizers.is_private(optimizer):
+        raise ValueError(
+            "Only a model trained with a DP optimizer (keras_dpscale.DPSGD or "
+            "DPAdam) has a privacy guarantee to export; the model's optimizer "
+            f"is {optimizer!r}. Train it with keras_dpscale.DPModel or "
+            "make_private(model) and a DP optimizer."
+        )
+
+
+def privacy_record(optimizer, delta=None, ema_weights=False):
+    """The privacy guarantee of what `optimizer` trained, as a JSON-able dict.
+
+    Args:
+        optimizer: a DP optimizer (`DPSGD`, `DPAdam`) that knows
+            `num_examples`.
+        delta: delta of the guarantee; None: `optimizer.target_delta`.
+        ema_weights: whether the exported weights are the parameter averages.
+
+    Returns:
+        A dict: `epsilon`, `delta`, `noise_multiplier`, `l2_norm_clip`,
+        `steps`, `batch_size`, `num_examples`, `sampling`, `accountant`,
+        `ledger` (one dict per segment of steps with the same settings),
+        `statement`, `ema_weights`, `ema_momentum` and
+        `keras_dpscale_version`. `noise_multiplier`, `batch_size` and
+        `sampling` are the ledger's; a list when its segments differ. An
+        infinite epsilon (sigma = 0) is the string "inf".
+
+    Raises:
+        ValueError: `optimizer` is not a DP optimizer, or it lacks
+            `num_examples` or delta.
+    """
+    import keras_dpscale  # the package imports this module
+
+    _require_private(optimizer)
+    delta = optimizer.target_delta if delta is None else delta
+    missing = [
+        name
+        for name, value in (
+            ("num_examples", optimizer.num_examples),
+            ("delta", delta),
+        )
+        if value is None
+    ]
+    if missing:
+        raise ValueError(
+            f"The privacy record needs {' and '.join(missing)}: pass "
+            "num_examples=N and target_delta=... to the optimizer (or "
+            "delta=... to the export)."
+        )
+    ledger = [s for s in optimizer.privacy_ledger() if s.steps > 0]
+    steps = sum(s.steps for s in ledger)
+    epsilon = float(optimizer.epsilon(delta))
+    statement = optimizer.privacy_statement(delta)
+    if ledger:
+        sigma = _uniform(s.noise_multiplier for s in ledger)
+        batch_size = _uniform(s.batch_size for s in ledger)
+        sampling = _uniform(s.sampling for s in ledger)
+    else:
+        sigma = optimizer.noise_multiplier
+        batch_size = optimizer.batch_size
+        sampling = optimizer.sampling
+    return {
+        "epsilon": _finite(epsilon),
+        "delta": float(delta),
+        "noise_multiplier": sigma,
+        "l2_norm_clip": optimizer.l2_norm_clip,
+        "steps": int(steps),
+        "batch_size": batch_size,
+        "num_examples": int(optimizer.num_examples),
+        "sampling": sampling,
+        "accountant": optimizer.accountant,
+        "ledger": [dataclasses.asdict(s) for s in ledger],
+        "statement": statement,
+        "ema_weights": bool(ema_weights),
+        "ema_momentum": (
+            float(optimizer.ema_momentum) if ema_weights else None
+        ),
+        "keras_dpscale_version": keras_dpscale.__version__,
+    }
+
+
+def _image_shape(model, input_shape):
+    """[H, W, C] of the model's input: given, or from a functional model."""
+    if input_shape is not None:
+        return list(input_shape)
+    for candidate in (model, getattr(model, "model", None)):
+        inputs = getattr(candidate, "inputs", None)
+        if inputs:
+            if len(inputs) != 1:
+                raise ValueError(
+                    "export_saved_model exports models with one image "
+                    f"input; this one has {len(inputs)} inputs."
+                )
+            return list(inputs[0].shape[1:])
+    raise ValueError(
+        "The model's input shape is unknown (a subclassed model): pass "
+        "input_shape=(H, W, C) to export_saved_model."
+    )
+
+
+def _ema_pairs(optimizer):
+    """(model variable, its average) pairs; empty if there are no averages."""
+    averages = getattr(optimizer, "_model_variables_moving_average", None)
+    if not (optimizer.use_ema and optimizer.built and averages):
+        return []
+    return [
+        (v, a)
+        for v, a in zip(optimizer._trainable_variables, averages)
+        if a is not None
+    ]
+
+
+def export_saved_model(
+    model,
+    path,
+    use_ema=True,
+    delta=None,
+    probabilities=True,
+    input_shape=None,
+):
+    """Writes `model` as a SavedModel for serving, with its privacy record.
+
+    The SavedModel needs neither Keras nor keras_dpscale: load it with
+    `tf.saved_model.load(path)` (see the module docstring for its endpoints
+    and the three places the privacy record is kept).
+
+    Args:
+        model: a model trained by a DP optimizer (a `DPModel`,
+            `DPSequential` or `make_private` model, or one loaded with
+            `keras.models.load_model`) whose output is logits.
+        path: the directory to write the SavedModel to.
+        use_ema: export the optimizer's parameter averages (when it was
+            created with `use_ema=True` and has taken a step) instead of the
+            current weights. The model's own weights are restored afterwards.
+        delta: delta of the reported guarantee; None: the optimizer's
+            `target_delta`.
+        probabilities: `serve` returns softmax probabilities (True) or the
+            logits (False).
+        input_shape: (H, W, C), for a model without a functional input.
+
+    Returns:
+        The privacy record written (see `privacy_record`).
+
+    Raises:
+        ValueError: the model's optimizer is not a DP optimizer (there is no
+            guarantee to record), it lacks `num_examples` or delta, or the
+            input shape is unknown.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    _require_private(optimizer)
+    shape = _image_shape(model, input_shape)
+    pairs = _ema_pairs(optimizer) if use_ema else []
+    record = privacy_record(optimizer, delta, ema_weights=bool(pairs))
+    record["outputs"] = "probabilities" if probabilities else "logits"
+    text = json.dumps(record, indent=2, sort_keys=True)
+
+    def serve(images):
+        logits = keras.ops.cast(model(images, training=False), "float32")
+        return keras.ops.softmax(logits, axis=-1) if probabilities else logits
+
+    def privacy():
+        return {"privacy_json": tf.constant(text)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serve",
+        serve,
+        input_signature=[
+            keras.InputSpec(shape=[None] + shape, dtype="float32")
+        ],
+    )
+    archive.add_endpoint("privacy", privacy, input_signature=[])
+    root = archive._tf_trackable
+    root.privacy_json = tf.Variable(text, trainable=False, name="privacy_json")
+    raw = [v.numpy() for v, _ in pairs]
+    with tempfile.TemporaryDirectory() as tmp:
+        asset = os.path.join(tmp, PRIVACY_FILE)
+        with open(asset, "w") as f:
+            f.write(text + "\n")
+        root.privacy_asset = tf.saved_model.Asset(asset)
+        try:
+            for variable, average in pairs:
+                variable.assign(average)
+            archive.write_out(os.fspath(path), verbose=False)
+        finally:
+            for (variable, _), value in zip(pairs, raw):
+                variable.assign(value)
+    return record

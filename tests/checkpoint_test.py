@@ -1,0 +1,270 @@
+"""Checkpoints: atomic under SIGKILL, complete, and resumed exactly."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dpscale as kd
+from keras_dpscale import checkpoint
+
+N = 64
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def dense_model(seed=0, accumulation_steps=2):
+    keras.utils.set_random_seed(seed)
+    model = kd.DPSequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(
+        optimizer=kd.DPSGD(
+            learning_rate=0.1,
+            momentum=0.9,
+            use_ema=True,
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            accumulation_steps=accumulation_steps,
+            num_examples=N,
+            target_delta=1e-3,
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def all_values(model):
+    variables = model.variables + model.optimizer.variables
+    return [v.numpy().copy() for v in variables]
+
+
+def test_restore_skips_partial_and_corrupt_files(tmp_path):
+    model = dense_model()
+    opt = model.optimizer
+    opt.build(model.trainable_variables)
+    assert checkpoint.restore(model, tmp_path) is None  # a fresh start
+    opt.iterations.assign(3)
+    good = checkpoint.save(model, tmp_path, epoch=1, batch=2)
+    expected = all_values(model)
+    # A newer checkpoint, then damage: a torn final file (as a filesystem
+    # without atomic renames could leave), a half-written temporary, and a
+    # pointer to the torn file.
+    for v in model.trainable_variables:
+        v.assign(v + 1.0)
+    opt.iterations.assign(7)
+    torn = pathlib.Path(checkpoint.save(model, tmp_path, epoch=1, batch=10))
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    temp = tmp_path / ".ckpt-0000000009.npz.tmp-0a1b"
+    temp.write_bytes(pathlib.Path(good).read_bytes()[:100])
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 7
+    assert checkpoint.latest(tmp_path) == good
+
+    fresh = dense_model(seed=1)
+    state = checkpoint.restore(fresh, tmp_path)
+    assert (state.step, state.epoch, state.batch, state.path) == (
+        3,
+        1,
+        2,
+        good,
+    )
+    for want, got in zip(expected, all_values(fresh)):
+        np.testing.assert_array_equal(want, got)
+    # A new writer removes the temporary left by a killed one.
+    callback = checkpoint.Checkpoint(tmp_path)
+    callback.set_model(fresh)
+    callback.on_train_begin()
+    assert not temp.exists()
+    # Never in the middle of a logical batch.
+    fresh.optimizer._micro_step.assign(1)
+    with pytest.raises(ValueError, match="between logical steps"):
+        checkpoint.save(fresh, tmp_path, epoch=0)
+
+
+class Snapshot(keras.callbacks.Callback):
+    """Every variable's value at each epoch end (after the checkpoint)."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.values.append(all_values(self.model))
+
+
+@pytest.mark.filterwarnings("ignore:The data come in shuffled")
+def test_round_trip_restores_every_variable(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model = dense_model()
+    snapshot = Snapshot()
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        verbose=0,
+        callbacks=[
+            checkpoint.Checkpoint(tmp_path, every_n_steps=1, keep=2),
+            snapshot,
+        ],
+    )
+    opt = model.optimizer
+    assert int(opt.iterations) == 8  # 2 epochs of 8 batches, 2 per step
+    assert len(checkpoint.checkpoints(tmp_path)) == 2  # keep=2
+
+    fresh = dense_model(seed=1)
+    fresh.optimizer.build(fresh.trainable_variables)
+    before = all_values(fresh)
+    state = checkpoint.restore(fresh, tmp_path)
+    assert (state.step, state.epoch, state.batch) == (8, 2, 0)
+    restored = all_values(fresh)
+    assert len(restored) == len(snapshot.values[-1])
+    changed = 0
+    for want, got, old in zip(snapshot.values[-1], restored, before):
+        np.testing.assert_array_equal(want, got)
+        changed += not np.array_equal(got, old)
+    # Weights, seed state, iterations, momenta, EMA, ledger, micro-step:
+    # all differ from a fresh model's (the empty accumulators do not).
+    assert changed >= len(restored) - 4 - 2  # 4 accumulators, lr, sigma
+    new = fresh.optimizer
+    assert int(new.iterations) == 8 and int(new._micro_step) == 16
+    assert new.privacy_ledger() == opt.privacy_ledger()
+    assert new.epsilon() == opt.epsilon()
+    ema = new._model_variables_moving_average[0].numpy()
+    assert not np.array_equal(ema, fresh.trainable_variables[0].numpy())
+    for s in new._grad_sums:
+        assert not np.any(s.numpy())
+    with pytest.raises(ValueError, match="initial_epoch=2"):
+        fresh.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=3,
+            verbose=0,
+            callbacks=[checkpoint.Checkpoint(tmp_path)],
+        )
+
+
+# Trains on Poisson batches for 3 epochs of 4 logical steps (2 physical
+# batches each), checkpointing every step; resumes from argv[1] if it holds
+# a checkpoint; SIGKILLs itself after physical batch argv[2] (0: never);
+# writes the outcome to argv[3].
+CHILD = """
+import dataclasses, json, os, signal, sys
+import keras, numpy as np
+import keras_dpscale as kd
+from keras_dpscale import checkpoint, data
+
+directory, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+N, B, K, STEPS, EPOCHS = 64, 16, 2, 4, 3
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, size=(N, 4, 4, 1), dtype=np.uint8)
+labels = (images.mean(axis=(1, 2, 3)) > 127).astype(np.int64)
+model = kd.DPSequential([
+    keras.Input((4, 4, 1)),
+    keras.layers.Flatten(),
+    keras.layers.Dense(8, activation="tanh"),
+    keras.layers.Dropout(0.3),
+    keras.layers.Dense(2),
+])
+model.compile(
+    optimizer=kd.DPSGD(
+        learning_rate=0.5, momentum=0.9, use_ema=True, l2_norm_clip=1.0,
+        noise_multiplier=1.0, accumulation_steps=K, batch_size=B,
+        sampling="poisson", num_examples=N, target_delta=1e-3,
+        noise_seed=7),
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+)
+state = checkpoint.restore(model, directory)
+epoch = state.epoch if state else 0
+opt = model.optimizer
+
+
+class Kill(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if int(opt._micro_step) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+stream = data.poisson_dataset(
+    images, labels, B, seed=1, steps=STEPS * EPOCHS, accumulation_steps=K)
+model.fit(
+    stream.skip(epoch * STEPS * K),  # the stream from this epoch's start
+    epochs=EPOCHS,
+    initial_epoch=epoch,
+    steps_per_epoch=STEPS * K,
+    verbose=0,
+    callbacks=[checkpoint.Checkpoint(directory, every_n_steps=1), Kill()],
+)
+with open(out, "w") as f:
+    json.dump({
+        "resumed_from": None if state is None else state.step,
+        "iterations": int(opt.iterations),
+        "ledger": [dataclasses.asdict(s) for s in opt.privacy_ledger()],
+        "epsilon": opt.epsilon(),
+        "weights": [v.numpy().tolist() for v in model.variables],
+    }, f)
+"""
+
+
+def start_child(directory, kill_at, out):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    env.setdefault("KERAS_BACKEND", "tensorflow")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(directory), str(kill_at), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(child, returncode=0):
+    output, _ = child.communicate(timeout=240)
+    assert child.returncode == returncode, output[-3000:]
+
+
+def test_killed_run_resumes_to_the_same_steps_and_epsilon(tmp_path):
+    reference = start_child(tmp_path / "reference", 0, tmp_path / "ref.json")
+    # Killed after physical batch 11 (of 24): in epoch 1, in the middle of
+    # logical step 6, so the newest checkpoint is step 5 (epoch 1, batch 2).
+    killed = start_child(tmp_path / "run", 11, tmp_path / "killed.json")
+    finish(killed, -signal.SIGKILL)
+    assert not (tmp_path / "killed.json").exists()
+    assert os.path.basename(checkpoint.latest(tmp_path / "run")) == (
+        "ckpt-0000000005.npz"
+    )
+    pointer = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert (pointer["step"], pointer["epoch"], pointer["batch"]) == (5, 1, 2)
+    resumed = start_child(tmp_path / "run", 0, tmp_path / "resumed.json")
+    finish(resumed)
+    finish(reference)
+    want = json.loads((tmp_path / "ref.json").read_text())
+    got = json.loads((tmp_path / "resumed.json").read_text())
+    assert want["resumed_from"] is None and got["resumed_from"] == 5
+    assert got["iterations"] == want["iterations"] == 12
+    assert got["ledger"] == want["ledger"]
+    assert got["ledger"][0]["steps"] == 12
+    assert got["epsilon"] == pytest.approx(want["epsilon"], rel=0, abs=1e-9)
+    # With a fixed noise seed, the same data, dropout and noise: the resumed
+    # run ends where the uninterrupted one does.
+    for w, g in zip(want["weights"], got["weights"]):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

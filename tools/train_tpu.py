@@ -1,0 +1,23 @@
+"""The DP training launcher for Cloud TPU: `tools/train.py` with TPUStrategy.
+
+    python tools/train_tpu.py --config configs/imagenet_nfnet_f3.gin \
+        --tpu=$TPU_NAME --model_dir=gs://bucket/run
+
+Same flags as `tools/train.py`; `--strategy` defaults to "tpu" (on a TPU VM,
+`--tpu=local`).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import train  # noqa: E402
+
+flags.FLAGS.set_default("strategy", "tpu")
+
+if __name__ == "__main__":
+    app.run(train.main)
