@@ -446,7 +446,9 @@ class Checkpoint(keras.callbacks.Callback):
                 epoch,
             )
             return
-        if self.model.stop_training:  # stopped within the epoch
+        steps = (self.params or {}).get("steps")
+        complete = steps is not None and self._batches >= steps
+        if self.model.stop_training and not complete:  # stopped within it
             self.save(epoch, self._batches)
         else:
             self.save(epoch + 1, 0)

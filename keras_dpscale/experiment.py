@@ -199,17 +199,21 @@ def train_and_evaluate(
 
     with open(os.path.join(model_dir, "config.gin"), "w") as f:
         f.write(gin.config_str())
-    net.fit(
-        train,
-        epochs=epochs,
-        initial_epoch=initial_epoch,
-        steps_per_epoch=steps_per_epoch * accumulation_steps,
-        callbacks=[
-            keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")),
-            checkpoint.Checkpoint(checkpoints, checkpoint_every_n_steps),
-        ],
-        verbose=verbose,
-    )
+    if initial_epoch >= epochs:  # resumed a finished run: nothing to train
+        if net.optimizer.use_ema:  # as `fit` does at its end
+            net.optimizer.finalize_variable_values(net.trainable_variables)
+    else:
+        net.fit(
+            train,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch * accumulation_steps,
+            callbacks=[
+                keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")),
+                checkpoint.Checkpoint(checkpoints, checkpoint_every_n_steps),
+            ],
+            verbose=verbose,
+        )
     optimizer = net.optimizer
     # After fit, Keras has put the EMA weights (if any) into the model.
     test = data.eval_dataset(
