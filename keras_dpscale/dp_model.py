@@ -46,8 +46,9 @@ class DPTrainer:
                 f"or keras_dpscale.DPAdam(...); got {optimizer!r}."
             )
         check_layers(self)
-        strategy = tf.distribute.get_strategy()
-        self._jit_per_replica = bool(jit_compile) and _is_mirrored(strategy)
+        self._jit_per_replica = bool(jit_compile) and _is_mirrored(
+            self.distribute_strategy
+        )
         if self._jit_per_replica:
             # XLA cannot compile one program over several devices' variables
             # (Mirrored strategies): compile each replica's step instead.

@@ -512,10 +512,9 @@ class DPOptimizerMixin:
                 f"epsilon=0 at delta={delta:g}: no private training step was "
                 "taken, so the weights do not depend on the training data."
             )
-        sigma = self.noise_multiplier
         text = (
             f"epsilon={epsilon:.4g} at delta={delta:g} after {steps} steps "
-            f"(noise_multiplier {sigma:g}, l2_norm_clip "
+            f"(noise_multiplier {self.noise_multiplier:g}, l2_norm_clip "
             f"{self.l2_norm_clip:g}, N={self.num_examples}, "
             f"{self.accountant.upper()} accountant"
         )

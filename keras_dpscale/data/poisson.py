@@ -147,11 +147,17 @@ def poisson_source_dataset(
         image, label = example
         return np.asarray(image, np.uint8), np.int64(label)
 
-    channels = read(0)[0].shape[-1]
+    # Padding rows (index -1) get example 0, read once here: any image of
+    # the right kind will do, since the mask zeroes them.
+    placeholder = read(0)
+    channels = placeholder[0].shape[-1]
+
+    def read_or_pad(index):
+        return placeholder if index < 0 else read(index)
 
     def fetch_one(index):
         image, label = tf.numpy_function(
-            read, [tf.maximum(index, 0)], (tf.uint8, tf.int64), stateful=False
+            read_or_pad, [index], (tf.uint8, tf.int64), stateful=False
         )
         image.set_shape([None, None, channels])
         return preprocess(image), tf.reshape(label, []), index
