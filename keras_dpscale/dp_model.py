@@ -2,7 +2,9 @@
 
 A DP model replaces Keras' `train_step` by the private one:
 
-    per-example gradients -> clip each to norm <= C -> sum   (clipping.py)
+    per-example norms -> clip each gradient to norm <= C -> sum
+        (fast_clipping.py: ghost norms and book-keeping, or
+         clipping.py: per-example gradients by tf.vectorized_map)
     -> accumulate, add noise once per logical batch, apply   (optimizers.py)
 
 Everything else (`fit`, `evaluate`, `predict`, callbacks, saving) is Keras'.
@@ -11,6 +13,8 @@ It fails closed: compiling with a non-DP optimizer, a `BatchNormalization`
 layer, any layer that updates state from the data during training, and
 `sample_weight` / `class_weight` raise errors that name the fix.
 """
+
+import logging
 
 import keras
 import tensorflow as tf
@@ -24,6 +28,7 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 
 from keras_dpscale import callbacks as dp_callbacks
 from keras_dpscale import clipping
+from keras_dpscale import fast_clipping
 from keras_dpscale import optimizers
 
 # The key under which a Poisson batch carries its padding mask, in the
@@ -145,42 +150,12 @@ class DPTrainer:
                 "batch_size=B (the expected size); other batches need "
                 "sampling='shuffle'."
             )
-        num_views = self._num_views(x)
-        variables = self.trainable_variables
-        example = (x,) if y is None else (x, y)
-        seed_generators = _seed_generators(self)
+        grad_sum, losses, y_pred = self.clipped_gradient_sum(x, y, mask)
         batch_size = tf.nest.flatten(x)[0].shape[0]
-        dynamic_batch = tf.shape(tf.nest.flatten(x)[0])[0]
-        # One independent seed per example for dropout and other random ops.
-        example_seeds = [
-            tf.random.experimental.stateless_split(
-                tf.cast(sg.state, tf.int64), dynamic_batch
-            )
-            for sg in seed_generators
-        ]
-
-        def loss_fn(inputs):
-            (*xy, seeds) = inputs
-            xi, yi = (xy[0], None) if y is None else xy
-            return self._per_example_loss(
-                xi, yi, seed_generators, seeds, num_views
-            )
-
-        def clipped_sum(example, mask):
-            return clipping.clipped_gradient_sum(
-                loss_fn,
-                variables,
-                example,
-                optimizer.l2_norm_clip,
-                optimizer.microbatch_size,
-                mask,
-            )
-
-        if getattr(self, "_jit_per_replica", False):
-            clipped_sum = tf.function(clipped_sum, jit_compile=True)
-        grad_sum, losses, y_pred = clipped_sum((*example, example_seeds), mask)
-        optimizer.apply_private_gradients(grad_sum, variables, batch_size)
-        for sg in seed_generators:
+        optimizer.apply_private_gradients(
+            grad_sum, self.trainable_variables, batch_size
+        )
+        for sg in _seed_generators(self):
             sg.next()
         if mask is None:
             mask = tf.ones_like(losses)
@@ -199,6 +174,83 @@ class DPTrainer:
             logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
         return logs
 
+    def clipped_gradient_sum(self, x, y=None, mask=None):
+        """The sum over a batch of per-example gradients clipped to norm
+        <= C, before noise: the private part of `train_step`.
+
+        Args:
+            x, y: a batch (`x` with K views per example for augmult).
+            mask: optional `[B]` 0/1 weights of a padded Poisson batch.
+
+        Returns:
+            `(grad_sum, losses, y_pred)`: one float32 sum per trainable
+            variable, the per-example losses `[B]`, and the predictions.
+        """
+        optimizer = self.optimizer
+        num_views = self._num_views(x)
+        variables = self.trainable_variables
+        for v in variables:
+            if getattr(v, "regularizer", None) is not None:
+                raise ValueError(
+                    f"The variable '{v.path}' has a weight regularizer, "
+                    "which would add the same data-independent term to "
+                    "every example's gradient before clipping. Remove it "
+                    "and use the optimizer's `weight_decay` instead."
+                )
+        example = (x,) if y is None else (x, y)
+        seed_generators = _seed_generators(self)
+        dynamic_batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        # One independent seed per example for dropout and other random ops.
+        example_seeds = [
+            tf.random.experimental.stateless_split(
+                tf.cast(sg.state, tf.int64), dynamic_batch
+            )
+            for sg in seed_generators
+        ]
+
+        def loss_fn(inputs):
+            (*xy, seeds) = inputs
+            xi, yi = (xy[0], None) if y is None else xy
+            return self._per_example_loss(
+                xi, yi, seed_generators, seeds, num_views
+            )
+
+        def batch_loss_fn(inputs):
+            (*xy, seeds) = inputs
+            xb, yb = (xy[0], None) if y is None else xy
+            return self._batch_losses(
+                xb, yb, seed_generators, seeds, num_views
+            )
+
+        def clipped_sum(example, mask):
+            args = (
+                variables,
+                example,
+                optimizer.l2_norm_clip,
+                optimizer.microbatch_size,
+                mask,
+            )
+            if optimizer.clipping != "vectorized":
+                try:
+                    return fast_clipping.clipped_gradient_sum(
+                        self, batch_loss_fn, *args
+                    )
+                except fast_clipping.Unsupported as e:
+                    if optimizer.clipping == "fast":
+                        raise ValueError(
+                            "clipping='fast' cannot compute this model's "
+                            f"per-example norms exactly: {e}. Use "
+                            "clipping='vectorized' or 'auto'."
+                        ) from e
+                    logging.getLogger("keras_dpscale").info(
+                        "clipping='auto': the vectorized engine, because %s.", e
+                    )
+            return clipping.clipped_gradient_sum(loss_fn, *args)
+
+        if getattr(self, "_jit_per_replica", False):
+            clipped_sum = tf.function(clipped_sum, jit_compile=True)
+        return clipped_sum((*example, example_seeds), mask)
+
     def _num_views(self, x):
         """K if `x` holds K augmented views per example (augmult), else None.
 
@@ -211,6 +263,50 @@ class DPTrainer:
         if x.shape.rank == len(inputs[0].shape) + 1:
             return x.shape[1]
         return None
+
+    def _batch_losses(self, x, y, seed_generators, seeds, num_views):
+        """Per-example losses `[B]` and predictions of a whole batch, in one
+        forward pass (the fast engine's). With `num_views` K, `x` is `[B, K,
+        ...]`: the model sees B*K rows, and an example's loss is the mean of
+        its views' losses, as in `_per_example_loss`."""
+        rows = 1 if num_views is None else num_views
+        if num_views is not None:
+            x = tf.reshape(x, [-1, *x.shape[2:]])
+        # The batch's dropout and other random ops read the first example's
+        # seed: fresh every step (and every microbatch).
+        mapping = [
+            (sg.state, tf.cast(s[0], sg.state.dtype))
+            for sg, s in zip(seed_generators, seeds)
+        ]
+        with StatelessScope(state_mapping=mapping, collect_losses=True) as s:
+            if self._call_has_training_arg:
+                y_pred = self(x, training=True)
+            else:
+                y_pred = self(x)
+        check_no_state_updates(self, s, seed_generators)
+        if s.losses:
+            raise fast_clipping.Unsupported(
+                "the model adds losses in its forward pass (add_loss)"
+            )
+        y_pred = tf.nest.map_structure(
+            lambda t: tf.reshape(t, [-1, rows, *t.shape[1:]]), y_pred
+        )
+
+        def example_loss(args):
+            yi, pred = args
+            if yi is not None:
+                yi = tf.nest.map_structure(
+                    lambda t: tf.repeat(t[None], rows, axis=0), yi
+                )
+            loss = self._compute_loss(
+                x=None, y=yi, y_pred=pred, sample_weight=None, training=True
+            )
+            return loss_module.unscale_loss_for_distribution(loss)
+
+        losses = tf.vectorized_map(example_loss, (y, y_pred))
+        return losses, tf.nest.map_structure(
+            lambda t: tf.reduce_mean(t, axis=1), y_pred
+        )
 
     def _per_example_loss(self, x, y, seed_generators, seeds, num_views):
         """Loss and prediction of ONE example (no batch dimension).

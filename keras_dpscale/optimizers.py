@@ -50,6 +50,13 @@ class DPOptimizerMixin:
         microbatch_size: examples per chunk of per-example gradients; trades
             speed for memory and changes nothing else. None: the whole
             physical batch at once.
+        clipping: how per-example clipping is computed; the result is the
+            same. "fast": ghost norms and book-keeping
+            (`keras_dpscale.fast_clipping`), without per-example gradients
+            of the whole network; raises if the model is outside what it
+            covers. "vectorized": per-example gradients by
+            `tf.vectorized_map` (`keras_dpscale.clipping`). "auto"
+            (default): "fast" where it covers the model, else "vectorized".
         batch_size: the logical batch size B that the noisy sum is divided
             by: a public constant. None: `accumulation_steps` times the
             static batch dimension of the data (which must then be static).
@@ -80,6 +87,7 @@ class DPOptimizerMixin:
         noise_multiplier=None,
         accumulation_steps=1,
         microbatch_size=None,
+        clipping="auto",
         batch_size=None,
         rescale_to_unit_norm=False,
         noise_seed=None,
@@ -130,6 +138,11 @@ class DPOptimizerMixin:
                 f"{sampling!r}."
             )
         accounting.make_accountant(accountant)  # validates the name
+        if clipping not in CLIPPING:
+            raise ValueError(
+                f"clipping must be one of {CLIPPING}, got {clipping!r}."
+            )
+        self.clipping = clipping
         self.l2_norm_clip = float(l2_norm_clip)
         self.accumulation_steps = int(accumulation_steps)
         self.microbatch_size = microbatch_size
@@ -547,6 +560,7 @@ class DPOptimizerMixin:
                 "noise_multiplier": self.noise_multiplier,
                 "accumulation_steps": self.accumulation_steps,
                 "microbatch_size": self.microbatch_size,
+                "clipping": self.clipping,
                 "batch_size": self.batch_size,
                 "rescale_to_unit_norm": self.rescale_to_unit_norm,
                 "noise_seed": self.noise_seed,
@@ -581,7 +595,7 @@ class DPSGD(DPOptimizerMixin, keras.optimizers.SGD):
     Args:
         learning_rate, momentum, nesterov: as in `keras.optimizers.SGD`.
         l2_norm_clip, noise_multiplier, accumulation_steps, microbatch_size,
-        batch_size, rescale_to_unit_norm, noise_seed: see
+        clipping, batch_size, rescale_to_unit_norm, noise_seed: see
             `DPOptimizerMixin`.
         **kwargs: other `keras.optimizers.SGD` arguments (`weight_decay`,
             `use_ema`, `ema_momentum`, `clipnorm` of the noisy update, ...).
@@ -617,6 +631,10 @@ class DPAdam(DPOptimizerMixin, keras.optimizers.Adam):
 
     def __init__(self, *args, name="dpadam", **kwargs):
         super().__init__(*args, name=name, **kwargs)
+
+
+# The per-example clipping engines (see `DPOptimizerMixin`).
+CLIPPING = ("auto", "fast", "vectorized")
 
 
 def is_private(optimizer):

@@ -73,6 +73,27 @@ def per_example_filter_gradient(
     return tf.transpose(tf.reduce_sum(grads, axis=4), [3, 1, 2, 0, 4])
 
 
+def grouped_filter_gradient(inputs, out_grads, groups, **conv):
+    """`per_example_filter_gradient` of a grouped convolution (NFNets).
+
+    Group g maps input channels `[g*c, (g+1)*c)` to output channels
+    `[g*o, (g+1)*o)`; one grouped convolution per group.
+    """
+    c = inputs.shape[-1] // groups
+    o = out_grads.shape[-1] // groups
+    return tf.concat(
+        [
+            per_example_filter_gradient(
+                inputs[..., g * c : (g + 1) * c],
+                out_grads[..., g * o : (g + 1) * o],
+                **conv,
+            )
+            for g in range(groups)
+        ],
+        axis=-1,
+    )
+
+
 def _convert(pfor_input):
     inputs, inputs_stacked, _ = pfor_input.input(0)
     filter_sizes = tensor_util.constant_value(pfor_input.unstacked_input(1))
@@ -100,23 +121,10 @@ def _convert(pfor_input):
         padding=padding,
         dilations=tuple(dilations[1:3]),
     )
-    # A grouped convolution (NFNets): group g maps input channels
-    # [g*c, (g+1)*c) to output channels [g*o, (g+1)*o).
-    c = int(filter_sizes[2])
-    groups = inputs.shape[-1] // c
-    o = out_grads.shape[-1] // groups
-    grads = tf.concat(
-        [
-            per_example_filter_gradient(
-                inputs[..., g * c : (g + 1) * c],
-                out_grads[..., g * o : (g + 1) * o],
-                **conv,
-            )
-            for g in range(groups)
-        ],
-        axis=-1,
+    groups = inputs.shape[-1] // int(filter_sizes[2])
+    return pfor.wrap(
+        grouped_filter_gradient(inputs, out_grads, groups, **conv), True
     )
-    return pfor.wrap(grads, True)
 
 
 def install():

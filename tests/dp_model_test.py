@@ -336,14 +336,16 @@ tf.config.set_logical_device_configuration(
 import keras, numpy as np, scipy.stats
 import keras_dpscale as kd
 
-def train(strategy, model_fn, x, y, sigma, clip, accumulation_steps=1):
+def train(strategy, model_fn, x, y, sigma, clip, accumulation_steps=1,
+          clipping="auto"):
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = model_fn()
         model.compile(
             optimizer=kd.DPSGD(learning_rate=1.0, l2_norm_clip=clip,
                                noise_multiplier=sigma, noise_seed=3,
-                               accumulation_steps=accumulation_steps),
+                               accumulation_steps=accumulation_steps,
+                               clipping=clipping),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     before = [v.numpy() for v in model.trainable_variables]
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(
@@ -367,6 +369,16 @@ out["clipped_max_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(one, 
 out["clipped_scale"] = max(float(np.max(np.abs(a))) for a in one)
 out["ledger"] = [dataclasses.asdict(s) for s in opt.privacy_ledger()]
 out["iterations"] = int(opt.iterations.numpy())
+# Both clipping engines, replicated, on a conv model with GroupNorm.
+convnet = lambda: kd.DPSequential([keras.Input((6, 6, 2)),
+    keras.layers.Conv2D(4, 3, strides=2, padding="same"),
+    keras.layers.GroupNormalization(2), keras.layers.Activation("relu"),
+    keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
+images = rng.normal(size=(16, 6, 6, 2)).astype("float32")
+fast, _ = train(multi, convnet, images, y, 0.0, 0.05, clipping="fast")
+vec, _ = train(single, convnet, images, y, 0.0, 0.05, clipping="vectorized")
+out["engines_max_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(fast, vec))
+out["engines_scale"] = max(float(np.max(np.abs(a))) for a in vec)
 # The noise alone: zero inputs and a zero, bias-free layer.
 noise_model = lambda: kd.DPSequential([keras.Input((100,)),
     keras.layers.Dense(100, use_bias=False, kernel_initializer="zeros")])
@@ -422,6 +434,9 @@ def test_replicas_share_one_noise_draw(replicas):
     # The clipped update of R replicas equals the single-device one.
     assert out["clipped_scale"] > 1e-3
     assert out["clipped_max_diff"] < 1e-6
+    # The fast engine on R replicas equals the vectorized one on one device.
+    assert out["engines_scale"] > 1e-3
+    assert out["engines_max_diff"] < 1e-5 * out["engines_scale"] * 10
     # One step of the global batch of 16 in the ledger.
     assert out["iterations"] == 1
     assert out["ledger"] == [

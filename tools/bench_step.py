@@ -1,14 +1,16 @@
 """Times the DP-SGD step against the non-private step of the same model.
 
-    python tools/bench_step.py                       # WRN-16-4, 32x32
+    python tools/bench_step.py                 # WRN-16-4, 32x32, b 64, 256
     python tools/bench_step.py --depth 10 --width 1 --batch_sizes 32,64
-    python tools/bench_step.py --conv_grad while_loop   # TF's pfor fallback
+    python tools/bench_step.py --engines vectorized --conv_grad while_loop
 
-For each batch size it prints the median step time of the DP step
-(per-example gradients, clipping, noise) and of the non-private step (Keras'
-own train_step with SGD), their ratio, and the peak resident memory of each
-(measured in a fresh process per run, so that one run does not inflate the
-next). Both steps are XLA-compiled; the first steps (compilation) are not
+For each batch size it prints the median step time of the non-private step
+(Keras' own train_step with SGD) and of the DP step (per-example clipping,
+noise) with each clipping engine ("fast": ghost norms and book-keeping;
+"vectorized": per-example gradients by tf.vectorized_map), the DP/non-
+private time ratio, and the peak resident memory of each and its ratio
+(each measured in a fresh process, so that one run does not inflate the
+next). All steps are XLA-compiled; the first steps (compilation) are not
 timed.
 """
 
@@ -26,7 +28,10 @@ from absl import flags
 flags.DEFINE_integer("depth", 16, "WRN depth (6n+4).")
 flags.DEFINE_integer("width", 4, "WRN widening factor.")
 flags.DEFINE_integer("image_size", 32, "Image height and width.")
-flags.DEFINE_list("batch_sizes", ["16", "64"], "Physical batch sizes.")
+flags.DEFINE_list("batch_sizes", ["64", "256"], "Physical batch sizes.")
+flags.DEFINE_list(
+    "engines", ["fast", "vectorized"], "DPSGD clipping engines to time."
+)
 flags.DEFINE_integer("steps", 5, "Timed steps per run.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per run.")
 flags.DEFINE_integer("microbatch_size", None, "DPSGD microbatch_size.")
@@ -47,7 +52,7 @@ flags.DEFINE_string("_child", None, "Internal: run one measurement.")
 FLAGS = flags.FLAGS
 
 
-def measure(private, batch_size):
+def measure(engine, batch_size):
     """Builds, compiles and times one model in this process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -64,14 +69,15 @@ def measure(private, batch_size):
         FLAGS.depth,
         FLAGS.width,
         input_shape=(FLAGS.image_size, FLAGS.image_size, 3),
-        private=private,
+        private=engine != "non-private",
     )
-    if private:
+    if engine != "non-private":
         optimizer = kd.DPSGD(
             learning_rate=0.1,
             l2_norm_clip=1.0,
             noise_multiplier=1.0,
             microbatch_size=FLAGS.microbatch_size,
+            clipping=engine,
         )
     else:
         optimizer = keras.optimizers.SGD(learning_rate=0.1)
@@ -121,11 +127,11 @@ def input_examples_per_second(batch_size, num_views, batches=50):
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def run_child(private, batch_size):
+def run_child(engine, batch_size):
     argv = [
         sys.executable,
         os.path.abspath(__file__),
-        f"--_child={int(private)},{batch_size}",
+        f"--_child={engine},{batch_size}",
     ] + [a for a in sys.argv[1:] if not a.startswith("--_child")]
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -136,8 +142,8 @@ def run_child(private, batch_size):
 
 def main(_):
     if FLAGS._child:
-        private, batch_size = FLAGS._child.split(",")
-        print(json.dumps(measure(private == "1", int(batch_size))))
+        engine, batch_size = FLAGS._child.split(",")
+        print(json.dumps(measure(engine, int(batch_size))))
         return
     name = f"WRN-{FLAGS.depth}-{FLAGS.width}"
     print(
@@ -147,19 +153,22 @@ def main(_):
         f"{FLAGS.microbatch_size}, conv filter gradients: {FLAGS.conv_grad}"
     )
     print(
-        f"{'batch':>5} {'non-private s':>13} {'DP s':>9} {'ratio':>6} "
-        f"{'non-priv peak MB':>16} {'DP peak MB':>10} {'mem ratio':>9}"
+        f"{'batch':>5} {'step':>12} {'median s':>9} {'time ratio':>10} "
+        f"{'peak MB':>8} {'mem ratio':>9}"
     )
     for batch_size in map(int, FLAGS.batch_sizes):
-        base = run_child(False, batch_size)
-        dp = run_child(True, batch_size)
-        print(
-            f"{batch_size:>5} {base['median_s']:>13.3f} {dp['median_s']:>9.3f}"
-            f" {dp['median_s'] / base['median_s']:>6.1f}"
-            f" {base['peak_rss_mb']:>16.0f} {dp['peak_rss_mb']:>10.0f}"
-            f" {dp['peak_rss_mb'] / base['peak_rss_mb']:>9.2f}",
-            flush=True,
-        )
+        base = run_child("non-private", batch_size)
+        for engine in ["non-private"] + FLAGS.engines:
+            dp = base if engine == "non-private" else run_child(
+                engine, batch_size
+            )
+            print(
+                f"{batch_size:>5} {engine:>12} {dp['median_s']:>9.3f}"
+                f" {dp['median_s'] / base['median_s']:>9.2f}x"
+                f" {dp['peak_rss_mb']:>8.0f}"
+                f" {dp['peak_rss_mb'] / base['peak_rss_mb']:>8.2f}x",
+                flush=True,
+            )
         if FLAGS.augmult:
             rate = input_examples_per_second(batch_size, FLAGS.augmult)
             print(

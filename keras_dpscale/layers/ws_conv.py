@@ -33,8 +33,15 @@ class WSConv2D(keras.layers.Conv2D):
 
     def standardized_kernel(self, kernel):
         """The standardized kernel, in float32."""
+        return self.standardization(kernel)[0]
+
+    def standardization(self, kernel):
+        """`(unit, inv_std, dlog, var)`: the standardized kernel without gain
+        `unit = (W - mean) * r(var)`, and per output channel `r`, `d log r /
+        d var` and `var` (float32; for per-example norms, `ghost_norms`)."""
         centered, var = _center(kernel)
-        return centered * ops.rsqrt(var + self.epsilon)
+        inv_std = ops.rsqrt(var + self.epsilon)
+        return centered * inv_std, inv_std, -0.5 / (var + self.epsilon), var
 
     def convolution_op(self, inputs, kernel):
         kernel = ops.cast(self.standardized_kernel(kernel), inputs.dtype)
@@ -82,12 +89,19 @@ class ScaledWSConv2D(WSConv2D):
         keras.layers.Layer.load_own_variables(self, store)
 
     def standardized_kernel(self, kernel):
+        return self.standardization(kernel)[0] * ops.cast(self.gain, "float32")
+
+    def standardization(self, kernel):
         centered, var = _center(kernel)
         fan_in = 1
         for size in kernel.shape[:-1]:
             fan_in *= size
-        scale = ops.rsqrt(ops.maximum(var * fan_in, self.epsilon))
-        return centered * scale * ops.cast(self.gain, "float32")
+        inv_std = ops.rsqrt(ops.maximum(var * fan_in, self.epsilon))
+        # r is constant in var where the bound epsilon is the maximum.
+        dlog = ops.where(
+            var * fan_in >= self.epsilon, -0.5 / ops.maximum(var, 1e-30), 0.0
+        )
+        return centered * inv_std, inv_std, dlog, var
 
     def get_config(self):
         return {

@@ -1,0 +1,645 @@
+"""Exact per-example clipping without per-example gradients of the network.
+
+The "fast" engine of `DPSGD(clipping=...)`. For a batch of B examples (each
+K rows with augmult):
+
+1. One batched forward pass records, for each layer that owns trainable
+   variables, its input and its output before the activation, `o` (a tap).
+2. One backward pass of `L = sum_i loss_i` gives `G = dL/do` for all taps at
+   once. Examples do not mix, so example i's rows of G are its own gradient.
+3. Each tap computes its variables' per-example squared gradient norms from
+   its input and G (`ghost_norms`: the Gram form or the per-example form,
+   whichever is cheaper for that layer). Their sum over the taps is each
+   example's squared norm over all variables.
+4. Clip factors `c_i = min(1, C / norm_i)`; 0 for a non-finite norm and for
+   padding rows of a Poisson batch.
+5. Book-keeping (Bu et al. 2023): each variable's clipped sum is its
+   layer's weight gradient with G scaled by c, from the recorded tensors,
+   without a second backward pass through the network.
+
+Registered layers (exact types): `Dense`, `Conv2D` and the weight-
+standardized `WSConv2D`/`ScaledWSConv2D` (channels last), `Embedding`,
+`GroupNormalization`, `LayerNormalization`, `SkipInitGain`. A layer of any
+other type that owns trainable variables falls back to the vectorized
+path for its own variables only: per-example gradients of that layer's
+call, from its recorded inputs and G, by `tf.vectorized_map`.
+
+Fails closed: a model that the taps cannot describe exactly raises
+`Unsupported` at trace time, and `DPSGD(clipping="auto")` then uses the
+vectorized engine: a layer that is not known to keep examples apart (a
+custom layer without `mixes_examples = False`, a `Lambda`), a layer called
+twice, a variable read outside its owner's call (tied weights), losses
+added in the forward pass, or a random layer that would need the fallback.
+"""
+
+import contextlib
+import logging
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from keras_dpscale import clipping
+from keras_dpscale import ghost_norms
+from keras_dpscale import pfor_conv
+from keras_dpscale.layers import skip_init
+from keras_dpscale.layers import ws_conv
+
+_log = logging.getLogger("keras_dpscale")
+
+
+class Unsupported(Exception):
+    """The fast engine cannot compute this model's per-example norms exactly."""
+
+
+def clipped_gradient_sum(
+    model, loss_fn, variables, inputs, l2_norm_clip, microbatch_size=None,
+    mask=None,
+):
+    """Sum over the batch of per-example gradients clipped to norm <= C.
+
+    Same contract as `clipping.clipped_gradient_sum`, but `loss_fn` runs the
+    whole batch at once.
+
+    Args:
+        model: the Keras model that `loss_fn` calls.
+        loss_fn: `loss_fn(inputs) -> (losses, aux)`: the batched forward pass
+            and the per-example losses `[B]`.
+        variables: the variables to differentiate, all owned by `model`'s
+            layers.
+        inputs: a nest of batched tensors.
+        l2_norm_clip: the clipping norm C.
+        microbatch_size: optional chunk size (must divide the batch size).
+        mask: optional `[B]` 0/1 weights: rows with 0 contribute nothing.
+
+    Returns:
+        `(grad_sum, losses, aux)` as `clipping.clipped_gradient_sum`.
+
+    Raises:
+        Unsupported: at trace time, if the model is outside what the taps
+            describe exactly.
+    """
+
+    def chunk_sum(chunk):
+        examples, chunk_mask = chunk
+        batch = tf.nest.flatten(examples)[0].shape[0]
+        if batch is None:
+            raise Unsupported(
+                "the batch size is not static (batch the data with "
+                "drop_remainder=True)"
+            )
+        with _recording(model) as recorder:
+            with tf.GradientTape() as tape:
+                losses, aux = loss_fn(examples)
+                total = tf.reduce_sum(tf.cast(losses, tf.float32))
+        recorder.check_reads(tape.watched_variables())
+        taps = recorder.taps
+        if recorder.fallbacks:
+            _log.info(
+                "fast clipping: per-example gradients by the vectorized path "
+                "for the layers %s", ", ".join(recorder.fallbacks)
+            )
+        out_grads = tape.gradient(
+            total,
+            [tap.sources for tap in taps],
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        sq_norms = [
+            tap.sq_norms(g, batch) for tap, g in zip(taps, out_grads)
+        ]
+        norms = tf.sqrt(tf.add_n(sq_norms) if sq_norms else tf.zeros([batch]))
+        factors = clipping.clip_factors(norms, l2_norm_clip)
+        factors *= tf.cast(chunk_mask, tf.float32)
+        sums = {}
+        for tap, g in zip(taps, out_grads):
+            for var, total_grad in tap.clipped_sums(g, factors):
+                sums[_key(var)] = tf.cast(total_grad, tf.float32)
+        grad_sum = [
+            sums.get(_key(v), tf.zeros(v.shape, tf.float32)) for v in variables
+        ]
+        return grad_sum, losses, aux
+
+    if mask is None:
+        mask = tf.ones(tf.shape(tf.nest.flatten(inputs)[0])[:1])
+    return clipping._map_in_chunks(
+        chunk_sum, (inputs, mask), microbatch_size, reduce="sum"
+    )
+
+
+def _key(variable):
+    """The identity of a variable as a GradientTape sees it (a Keras
+    variable's TensorFlow variable; `.value` would be a cast under mixed
+    precision)."""
+    return id(getattr(variable, "_value", variable))
+
+
+def _own_trainable(layer):
+    return [v for v in getattr(layer, "_trainable_variables", []) if v.trainable]
+
+
+# ---------------------------------------------------------------------------
+# Recording: every layer's `call` is wrapped while the batch goes forward.
+
+
+class _Recorder:
+    def __init__(self):
+        self.taps = []
+        self.fallbacks = []
+        self._called = set()
+        self._frames = [set()]  # variables read inside each open call
+
+    def call(self, layer, original, args, kwargs):
+        if not _keeps_examples_apart(layer):
+            raise Unsupported(
+                f"layer '{layer.name}' ({type(layer).__name__}) is not known "
+                "to compute each example's output from that example alone "
+                "(declare `mixes_examples = False` on its class if it does)"
+            )
+        own = _own_trainable(layer)
+        self._frames.append(set())
+        with tf.GradientTape() as reads:
+            if own:
+                if id(layer) in self._called:
+                    raise Unsupported(
+                        f"layer '{layer.name}' is called more than once"
+                    )
+                self._called.add(id(layer))
+                outputs, tap = _tap(layer, own, args, kwargs)
+                if tap is None:
+                    outputs, tap = _VectorizedTap.record(
+                        layer, own, original, args, kwargs
+                    )
+                    self.fallbacks.append(f"{layer.name} ({type(layer).__name__})")
+                self.taps.append(tap)
+            else:
+                outputs = original(*args, **kwargs)
+        read = {id(v) for v in reads.watched_variables()}
+        inner = self._frames.pop()
+        stray = read - inner - {_key(v) for v in own}
+        if stray:
+            raise Unsupported(
+                f"layer '{layer.name}' reads trainable variables that it does "
+                "not own (shared or tied weights)"
+            )
+        self._frames[-1] |= read
+        return outputs
+
+    def check_reads(self, watched):
+        stray = {id(v) for v in watched} - self._frames[0]
+        if stray:
+            raise Unsupported(
+                "trainable variables are read outside the layers' calls "
+                "(weight regularizers, or a loss that reads weights)"
+            )
+
+
+def _keeps_examples_apart(layer):
+    """True for layers known not to mix examples of a batch.
+
+    The vectorized engine runs the model on one example at a time, so no
+    layer can mix examples there; the fast engine runs the whole batch, so it
+    only accepts Keras' own layers and models (BatchNormalization is refused
+    by `DPModel.compile`), this package's layers, and layers that declare
+    `mixes_examples = False`.
+    """
+    declared = getattr(layer, "mixes_examples", None)
+    if declared is not None:
+        return not declared
+    if isinstance(layer, keras.layers.Lambda):
+        return False
+    return type(layer).__module__.startswith(
+        ("keras.src.layers.", "keras.src.models.", "keras_dpscale.")
+    )
+
+
+@contextlib.contextmanager
+def _recording(model):
+    recorder = _Recorder()
+    patched = []
+    try:
+        for layer in model._flatten_layers(include_self=True):
+            if "call" in layer.__dict__:
+                raise Unsupported(f"layer '{layer.name}' has its own `call`")
+            original = layer.call
+
+            def call(*args, _layer=layer, _original=original, **kwargs):
+                return recorder.call(_layer, _original, args, kwargs)
+
+            object.__setattr__(layer, "call", call)
+            patched.append(layer)
+        yield recorder
+    finally:
+        for layer in patched:
+            object.__delattr__(layer, "call")
+
+
+def _single_input(args, kwargs):
+    """The one tensor input of a layer call, or None."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args and set(kwargs) == {"inputs"}:
+        return kwargs["inputs"]
+    return None
+
+
+def _tap(layer, own, args, kwargs):
+    """`(outputs, tap)` from the registered tap of `layer`, or `(None, None)`."""
+    record = _TAPS.get(type(layer))
+    x = _single_input(args, kwargs)
+    if (
+        record is None
+        or x is None
+        or getattr(layer, "quantization_mode", None) is not None
+        or getattr(layer, "lora_enabled", False)
+    ):
+        return None, None
+    result = record(layer, x)
+    if result is None:
+        return None, None
+    outputs, tap = result
+    if {_key(v) for v in own} != {_key(v) for v in tap.variables}:
+        raise AssertionError(f"tap of '{layer.name}' misses variables")
+    return outputs, tap
+
+
+# ---------------------------------------------------------------------------
+# Taps: per-example squared norms and clipped sums of one layer's variables.
+
+
+def _rows(t, batch):
+    """`[B*K, ..., d]` -> `[B, K*..., d]`: an example's rows together."""
+    return tf.reshape(t, [batch, -1, t.shape[-1]])
+
+
+def _per_example_sum(t, batch):
+    """`[B*K, ..., d]` -> `[B, d]`: summed over an example's rows, float32."""
+    return tf.reduce_sum(_rows(tf.cast(t, tf.float32), batch), axis=1)
+
+
+def _scale(t, factors):
+    """Row i of `t` (`[B, ...]`) times `factors[i]`; exactly 0 where it is 0."""
+    f = tf.reshape(tf.cast(factors, t.dtype), [-1] + [1] * (t.shape.rank - 1))
+    return tf.math.multiply_no_nan(t, f)
+
+
+def _weighted_sum(per_example, factors):
+    """`sum_i factors[i] * per_example[i]` (float32)."""
+    return tf.reduce_sum(_scale(tf.cast(per_example, tf.float32), factors), 0)
+
+
+def _expand(factors, rows):
+    """Per-example factors `[B]` -> per-row `[B*K]`."""
+    return tf.repeat(factors, rows // factors.shape[0])
+
+
+class _SmallTap:
+    """Variables with small per-example gradients (norm layers, gains,
+    biases): those are formed, `[B, ...]`, and summed with the factors."""
+
+    def __init__(self, variables, per_example_fn, sources):
+        self.variables = variables
+        self.sources = sources
+        self._per_example_fn = per_example_fn
+
+    def sq_norms(self, g, batch):
+        self._grads = self._per_example_fn(g, batch)
+        return tf.add_n(
+            [tf.reduce_sum(tf.square(t), axis=[1]) for t in self._grads]
+        )
+
+    def clipped_sums(self, g, factors):
+        return [
+            (v, tf.reshape(_weighted_sum(t, factors), v.shape))
+            for v, t in zip(self.variables, self._grads)
+        ]
+
+
+def _normalization(layer, x, xhat):
+    """`o = xhat * gamma + beta` (float32), tapped for gamma and beta."""
+    shape = [1] * (x.shape.rank - 1) + [x.shape[-1]]
+    o = xhat
+    variables, factors = [], []
+    if layer.scale:
+        o = o * tf.reshape(tf.cast(layer.gamma, tf.float32), shape)
+        variables.append(layer.gamma)
+        factors.append(xhat)
+    if layer.center:
+        o = o + tf.reshape(tf.cast(layer.beta, tf.float32), shape)
+        variables.append(layer.beta)
+        factors.append(None)
+
+    def per_example(g, batch):
+        return [
+            _per_example_sum(g if f is None else g * f, batch) for f in factors
+        ]
+
+    return ops.cast(o, layer.compute_dtype), _SmallTap(variables, per_example, o)
+
+
+def _group_norm(layer, x):
+    if layer.axis not in (-1, x.shape.rank - 1):
+        return None
+    grouped = tf.cast(layer._reshape_into_groups(x), tf.float32)
+    axes = list(range(1, grouped.shape.rank - 2)) + [grouped.shape.rank - 1]
+    mean, var = tf.nn.moments(grouped, axes=axes, keepdims=True)
+    xhat = (grouped - mean) * tf.math.rsqrt(var + layer.epsilon)
+    return _normalization(layer, x, tf.reshape(xhat, [-1, *x.shape[1:]]))
+
+
+def _layer_norm(layer, x):
+    if layer.rms_scaling or list(layer.axis) not in ([-1], [x.shape.rank - 1]):
+        return None
+    x32 = tf.cast(x, tf.float32)
+    mean, var = tf.nn.moments(x32, axes=[-1], keepdims=True)
+    return _normalization(
+        layer, x, (x32 - mean) * tf.math.rsqrt(var + layer.epsilon)
+    )
+
+
+def _skip_gain(layer, x):
+    o = x * ops.cast(layer.gain, x.dtype)
+
+    def per_example(g, batch):
+        g_x = tf.reshape(tf.cast(g * x, tf.float32), [batch, -1])
+        return [tf.reduce_sum(g_x, axis=1, keepdims=True)]
+
+    return o, _SmallTap([layer.gain], per_example, o)
+
+
+class _EmbeddingTap:
+    def __init__(self, layer, ids, o):
+        self.variables = [layer.embeddings]
+        self.sources = o
+        self._ids = ids
+
+    def sq_norms(self, g, batch):
+        return ghost_norms.embedding_sq_norms(
+            tf.reshape(self._ids, [batch, -1]), _rows(g, batch)
+        )
+
+    def clipped_sums(self, g, factors):
+        batch = factors.shape[0]
+        table = self.variables[0]
+        scaled = _scale(_rows(tf.cast(g, tf.float32), batch), factors)
+        return [
+            (
+                table,
+                tf.math.unsorted_segment_sum(
+                    tf.reshape(scaled, [-1, table.shape[-1]]),
+                    tf.reshape(self._ids, [-1]),
+                    table.shape[0],
+                ),
+            )
+        ]
+
+
+def _embedding(layer, x):
+    ids = tf.cast(x, "int32") if x.dtype not in (tf.int32, tf.int64) else x
+    o = ops.take(layer.embeddings, ids, axis=0)
+    return ops.cast(o, layer.compute_dtype), _EmbeddingTap(layer, ids, o)
+
+
+class _LinearTap:
+    """Dense and Conv2D: `o = (a @ kernel) * gain + bias` on the rows a of
+    the input (image patches for a convolution)."""
+
+    def __init__(self, layer, x, z, o, standardization=None):
+        self.layer = layer
+        self.sources = o
+        self._x = x
+        self._z = z  # a @ kernel, before gain and bias
+        self._ws = standardization
+        self._gain = getattr(layer, "gain", None) if standardization else None
+        self.variables = [layer.kernel] + [
+            v for v in (self._gain, layer.bias) if v is not None
+        ]
+
+    # The conv / dense specific parts.
+    def _kernel_sq_norms(self, g_lin, batch):
+        raise NotImplementedError
+
+    def _linear(self, x, kernel):
+        raise NotImplementedError
+
+    def _g_lin(self, g):
+        """The gradient with respect to `a @ kernel`."""
+        if self._gain is None:
+            return g
+        return g * ops.cast(self._gain, g.dtype)
+
+    def sq_norms(self, g, batch):
+        self._small = []
+        if self._gain is not None:
+            self._small.append(_per_example_sum(g * self._z, batch))
+        if self.layer.bias is not None:
+            self._small.append(_per_example_sum(g, batch))
+        sq = self._kernel_sq_norms(self._g_lin(g), batch)
+        for t in self._small:
+            sq += tf.reduce_sum(tf.square(t), axis=1)
+        return sq
+
+    def _kernel_sum(self, g_lin, factors):
+        """Book-keeping: the layer's weight gradient with G scaled by c."""
+        rows = _expand(factors, self._x.shape[0])
+        x = tf.stop_gradient(_scale(self._x, tf.cast(rows > 0, rows.dtype)))
+        kernel = self.layer.kernel
+        with tf.GradientTape() as tape:
+            z = self._linear(x, kernel)
+        return tape.gradient(z, kernel, output_gradients=_scale(g_lin, rows))
+
+    def clipped_sums(self, g, factors):
+        sums = [(self.layer.kernel, self._kernel_sum(self._g_lin(g), factors))]
+        small = [v for v in (self._gain, self.layer.bias) if v is not None]
+        return sums + [
+            (v, _weighted_sum(t, factors)) for v, t in zip(small, self._small)
+        ]
+
+
+class _DenseTap(_LinearTap):
+    def _linear(self, x, kernel):
+        return ops.matmul(x, ops.cast(kernel, x.dtype))
+
+    def _kernel_sq_norms(self, g_lin, batch):
+        return ghost_norms.matmul_sq_norms(
+            _rows(self._x, batch), _rows(g_lin, batch)
+        )
+
+
+def _dense(layer, x):
+    z = ops.matmul(x, layer.kernel)
+    o = z if layer.bias is None else ops.add(z, layer.bias)
+    out = o if layer.activation is None else layer.activation(o)
+    return out, _DenseTap(layer, x, z, o)
+
+
+class _ConvTap(_LinearTap):
+    def _kernel(self, kernel):
+        if self._ws is None:
+            return kernel
+        return self.layer.standardization(kernel)[0]
+
+    def _linear(self, x, kernel):
+        kernel = ops.cast(self._kernel(kernel), x.dtype)
+        return keras.layers.Conv2D.convolution_op(self.layer, x, kernel)
+
+    def _kernel_sq_norms(self, g_lin, batch):
+        layer = self.layer
+        kh, kw, c_in, d = layer.kernel.shape
+        _, out_h, out_w, _ = g_lin.shape
+        n = self._x.shape[0] // batch * out_h * out_w
+        p = kh * kw * c_in
+        conv = dict(
+            kernel_size=(kh, kw),
+            strides=tuple(layer.strides),
+            padding=layer.padding.upper(),
+            dilations=tuple(layer.dilation_rate),
+        )
+        if layer.groups == 1 and ghost_norms.use_ghost(n, p, d):
+            a = tf.reshape(
+                ghost_norms.patches(
+                    tf.cast(self._x, tf.float32), out_size=(out_h, out_w), **conv
+                ),
+                [batch, n, p],
+            )
+            g = tf.cast(_rows(g_lin, batch), tf.float32)
+            if self._ws is None:
+                return ghost_norms.gram_sq_norms(a, g)
+            _, inv_std, _, _ = self._ws
+            return self._ws_sq_norms(
+                ghost_norms.gram_sq_norms(a, g * inv_std),
+                tf.einsum("bn,bnd->bd", tf.reduce_sum(a, -1), g),
+                _per_example_sum(g_lin * self._z, batch),
+            )
+        rows = self._x.shape[0] // batch
+        v = pfor_conv.grouped_filter_gradient(
+            tf.reshape(self._x, [batch, rows, *self._x.shape[1:]]),
+            tf.reshape(g_lin, [batch, rows, *g_lin.shape[1:]]),
+            layer.groups,
+            **conv,
+        )
+        v = tf.reshape(tf.cast(v, tf.float32), [batch, p, d])
+        if self._ws is None:
+            return tf.reduce_sum(tf.square(v), [1, 2])
+        unit, inv_std, _, _ = self._ws
+        return self._ws_sq_norms(
+            tf.reduce_sum(tf.square(v * inv_std), [1, 2]),
+            tf.reduce_sum(v, 1),
+            tf.reduce_sum(v * tf.reshape(unit, [p, d]), 1),
+        )
+
+    def _ws_sq_norms(self, weighted_sq, sums, aligned):
+        _, inv_std, dlog, var = self._ws
+        kh, kw, c_in, _ = self.layer.kernel.shape
+        return ghost_norms.ws_kernel_sq_norms(
+            weighted_sq, sums, aligned, inv_std, dlog, var, kh * kw * c_in
+        )
+
+
+def _conv(layer, x):
+    if layer.data_format != "channels_last" or layer.padding not in (
+        "same",
+        "valid",
+    ):
+        return None
+    standardization = None
+    if isinstance(layer, ws_conv.WSConv2D):
+        unit, inv_std, dlog, var = layer.standardization(layer.kernel)
+        standardization = (unit,) + tuple(
+            tf.reshape(t, [-1]) for t in (inv_std, dlog, var)
+        )
+        kernel = ops.cast(unit, x.dtype)
+        z = keras.layers.Conv2D.convolution_op(layer, x, kernel)
+        o = z
+        if isinstance(layer, ws_conv.ScaledWSConv2D):
+            o = z * ops.cast(layer.gain, z.dtype)
+    else:
+        z = o = layer.convolution_op(x, layer.kernel)
+    if layer.use_bias:
+        o = o + ops.cast(layer.bias, o.dtype)
+    out = o if layer.activation is None else layer.activation(o)
+    return out, _ConvTap(layer, x, z, o, standardization)
+
+
+_TAPS = {
+    keras.layers.Dense: _dense,
+    keras.layers.Conv2D: _conv,
+    ws_conv.WSConv2D: _conv,
+    ws_conv.ScaledWSConv2D: _conv,
+    keras.layers.Embedding: _embedding,
+    keras.layers.GroupNormalization: _group_norm,
+    keras.layers.LayerNormalization: _layer_norm,
+    skip_init.SkipInitGain: _skip_gain,
+}
+
+
+class _VectorizedTap:
+    """Any other layer: per-example gradients of its own variables by
+    `tf.vectorized_map` over its call, given its inputs and G."""
+
+    def __init__(self, layer, variables, args, kwargs, outputs):
+        self.layer = layer
+        self.variables = variables
+        self._args, self._kwargs = args, kwargs
+        self._outputs = outputs
+        self.sources = tf.nest.flatten(outputs)
+
+    @classmethod
+    def record(cls, layer, own, original, args, kwargs):
+        if any(
+            getattr(sub, "_seed_generators", None)
+            for sub in layer._flatten_layers(include_self=True)
+        ):
+            raise Unsupported(
+                f"layer '{layer.name}' ({type(layer).__name__}) is random and "
+                "has no fast-clipping tap"
+            )
+        outputs = original(*args, **kwargs)
+        return outputs, cls(layer, own, args, kwargs, outputs)
+
+    def sq_norms(self, g, batch):
+        rows = self.sources[0].shape[0]
+        flat = tf.nest.flatten((self._args, self._kwargs))
+        batched = [
+            i for i, t in enumerate(flat)
+            if tf.is_tensor(t) and t.shape.rank and t.shape[0] == rows
+        ]
+
+        def per_example(t):
+            return tf.reshape(t, [batch, rows // batch, *t.shape[1:]])
+
+        def one(example):
+            tensors, out_grads = example
+            values = list(flat)
+            for i, t in zip(batched, tensors):
+                values[i] = t
+            args, kwargs = tf.nest.pack_sequence_as(
+                (self._args, self._kwargs), values
+            )
+            with tf.GradientTape() as tape:
+                outputs = self.layer(*args, **kwargs)
+            return tape.gradient(
+                tf.nest.flatten(outputs),
+                self.variables,
+                output_gradients=out_grads,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+
+        self._grads = tf.vectorized_map(
+            one,
+            ([per_example(flat[i]) for i in batched], [per_example(t) for t in g]),
+        )
+        return tf.add_n(
+            [
+                tf.reduce_sum(
+                    tf.reshape(tf.square(tf.cast(t, tf.float32)), [batch, -1]), 1
+                )
+                for t in self._grads
+            ]
+        )
+
+    def clipped_sums(self, g, factors):
+        return [
+            (v, _weighted_sum(t, factors))
+            for v, t in zip(self.variables, self._grads)
+        ]
