@@ -48,6 +48,8 @@ from keras_dpscale.layers import ws_conv
 _log = logging.getLogger("keras_dpscale")
 
 
+
+
 class Unsupported(Exception):
     """The fast engine cannot compute this model's per-example norms exactly."""
 
@@ -142,7 +144,8 @@ def _own_trainable(layer):
 
 
 class _Recorder:
-    def __init__(self):
+    def __init__(self, trainable):
+        self._trainable = {_key(v) for v in trainable}
         self.taps = []
         self.fallbacks = []
         self._called = set()
@@ -173,7 +176,7 @@ class _Recorder:
                 self.taps.append(tap)
             else:
                 outputs = original(*args, **kwargs)
-        read = {id(v) for v in reads.watched_variables()}
+        read = {id(v) for v in reads.watched_variables()} & self._trainable
         inner = self._frames.pop()
         stray = read - inner - {_key(v) for v in own}
         if stray:
@@ -185,7 +188,7 @@ class _Recorder:
         return outputs
 
     def check_reads(self, watched):
-        stray = {id(v) for v in watched} - self._frames[0]
+        stray = {id(v) for v in watched} & self._trainable - self._frames[0]
         if stray:
             raise Unsupported(
                 "trainable variables are read outside the layers' calls "
@@ -214,7 +217,7 @@ def _keeps_examples_apart(layer):
 
 @contextlib.contextmanager
 def _recording(model):
-    recorder = _Recorder()
+    recorder = _Recorder(model.trainable_variables)
     patched = []
     try:
         for layer in model._flatten_layers(include_self=True):
@@ -255,11 +258,11 @@ def _tap(layer, own, args, kwargs):
     ):
         return None, None
     result = record(layer, x)
-    if result is None:
+    if result is None:  # an unusual configuration of the layer
         return None, None
     outputs, tap = result
     if {_key(v) for v in own} != {_key(v) for v in tap.variables}:
-        raise AssertionError(f"tap of '{layer.name}' misses variables")
+        return None, None  # some of its variables are frozen: fall back
     return outputs, tap
 
 
@@ -440,10 +443,21 @@ class _LinearTap:
         return sq
 
     def _kernel_sum(self, g_lin, factors):
-        """Book-keeping: the layer's weight gradient with G scaled by c."""
+        """Book-keeping: the layer's weight gradient with G scaled by c, or
+        the weighted sum of the per-example gradients where the norms
+        formed them."""
+        kernel = self.layer.kernel
+        if getattr(self, "_per_example", None) is not None:
+            total = _weighted_sum(self._per_example, factors)
+            if self._ws is None:
+                return tf.reshape(total, kernel.shape)
+            with tf.GradientTape() as tape:
+                unit = self.layer.standardization(kernel)[0]
+            return tape.gradient(
+                unit, kernel, output_gradients=tf.reshape(total, unit.shape)
+            )
         rows = _expand(factors, self._x.shape[0])
         x = tf.stop_gradient(_scale(self._x, tf.cast(rows > 0, rows.dtype)))
-        kernel = self.layer.kernel
         with tf.GradientTape() as tape:
             z = self._linear(x, kernel)
         return tape.gradient(z, kernel, output_gradients=_scale(g_lin, rows))
@@ -519,6 +533,9 @@ class _ConvTap(_LinearTap):
             **conv,
         )
         v = tf.reshape(tf.cast(v, tf.float32), [batch, p, d])
+        # Kept for the clipped sum: no second weight gradient (book-keeping)
+        # where the per-example gradients exist anyway.
+        self._per_example = v
         if self._ws is None:
             return tf.reduce_sum(tf.square(v), [1, 2])
         unit, inv_std, _, _ = self._ws

@@ -56,7 +56,8 @@ class DPOptimizerMixin:
             of the whole network; raises if the model is outside what it
             covers. "vectorized": per-example gradients by
             `tf.vectorized_map` (`keras_dpscale.clipping`). "auto"
-            (default): "fast" where it covers the model, else "vectorized".
+            (default): "fast" where it covers the model and no
+            `microbatch_size` is set, else "vectorized".
         batch_size: the logical batch size B that the noisy sum is divided
             by: a public constant. None: `accumulation_steps` times the
             static batch dimension of the data (which must then be static).

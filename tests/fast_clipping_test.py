@@ -12,8 +12,8 @@ from keras_dpscale import ghost_norms
 from tests.conftest import LOSS
 from tests.conftest import inputs_for
 from tests.conftest import reference_clipped_sum
+from tests.conftest import tiny
 from tests.conftest import tiny_models
-from tests.models_test import tiny
 
 
 def clipped_sum(model, x, y, clip, clipping, mask=None, **kwargs):
@@ -299,3 +299,40 @@ def test_weight_regularizers_are_refused_by_both_engines():
     for engine in ("fast", "vectorized"):
         with pytest.raises(ValueError, match="weight_decay"):
             clipped_sum(model, x, y, 0.1, engine)
+
+
+def test_partly_frozen_layer_falls_back_exactly(caplog):
+    model = layer_zoo()
+    norm = next(
+        l for l in model.layers if isinstance(l, keras.layers.GroupNormalization)
+    )
+    norm.beta.trainable = False
+    x, y = inputs_for(model, 5)
+    expected, clip = reference_clipped_sum(model, x, y)
+    with caplog.at_level(logging.INFO, logger="keras_dpscale"):
+        fast = clipped_sum(model, x, y, clip, "fast")
+    assert norm.name in caplog.text
+    assert_sums_close(fast, expected)
+
+
+def test_loss_without_batch_mean_uses_the_vectorized_engine(caplog):
+    model = kd.make_private(tiny_models()[0])
+    x, y = inputs_for(model, 4)
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="sum"
+    )
+    for clipping in ("fast", "auto"):
+        model.compile(
+            optimizer=kd.DPSGD(
+                l2_norm_clip=0.1, noise_multiplier=0.0, clipping=clipping
+            ),
+            loss=loss,
+        )
+        step = tf.function(lambda x, y: model.clipped_gradient_sum(x, y)[0])
+        if clipping == "fast":
+            with pytest.raises(ValueError, match="batch mean"):
+                step(x, y)
+        else:
+            with caplog.at_level(logging.INFO, logger="keras_dpscale"):
+                step(x, y)
+            assert "batch mean" in caplog.text

@@ -7,33 +7,10 @@ import tensorflow as tf
 
 import keras_dpscale as kd
 from tests.conftest import LOSS
+from tests.conftest import TINY
 from tests.conftest import inputs_for
 from tests.conftest import reference_clipped_sum
-
-# Tiny versions of each architecture (every layer type kept), 3 classes.
-TINY = {
-    "wide_resnet": dict(depth=10, width=1, input_shape=(8, 8, 3), groups=4),
-    "nf_resnet": dict(width=0.25, depth=(1, 1, 1, 1), input_shape=(16, 16, 3)),
-    "nfnet": dict(
-        width=1 / 16, group_size=8, depth=(1, 1, 1, 1), input_shape=(16, 16, 3)
-    ),
-}
-
-
-def tiny(name, **kwargs):
-    """A tiny model; deterministic (no stochastic depth, no dropout)."""
-    if name.startswith("nf"):
-        kwargs.setdefault("stochdepth_rate", 0.0)
-        kwargs.setdefault("dropout_rate", 0.0)
-    builder = getattr(kd.models, name)
-    model = builder(num_classes=3, **TINY[name], **kwargs)
-    # SkipInit gains start at zero, which would leave the residual branches
-    # without gradient; open them so every layer is exercised.
-    for layer in model.layers:
-        if isinstance(layer, kd.layers.SkipInitGain):
-            layer.gain.assign(0.5)
-    return model
-
+from tests.conftest import tiny
 
 @pytest.mark.parametrize(
     "name, num_classes, expected",
