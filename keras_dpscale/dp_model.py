@@ -14,6 +14,7 @@ layer, any layer that updates state from the data during training, and
 `sample_weight` / `class_weight` raise errors that name the fix.
 """
 
+import contextlib
 import logging
 
 import keras
@@ -269,6 +270,24 @@ class DPTrainer:
             return x.shape[1]
         return None
 
+    @contextlib.contextmanager
+    def _training_forward(self, x, seed_generators, seeds):
+        """Yields `(y_pred, scope)`: the model on `x` in training mode, in a
+        `StatelessScope` that gives each random layer its seed from `seeds`
+        and collects added losses. On exit, raises if the pass assigned a
+        model variable from the data (`check_no_state_updates`)."""
+        mapping = [
+            (sg.state, tf.cast(s, sg.state.dtype))
+            for sg, s in zip(seed_generators, seeds)
+        ]
+        with StatelessScope(state_mapping=mapping, collect_losses=True) as s:
+            if self._call_has_training_arg:
+                y_pred = self(x, training=True)
+            else:
+                y_pred = self(x)
+            yield y_pred, s
+        check_no_state_updates(self, s, seed_generators)
+
     def _batch_losses(self, x, y, seed_generators, seeds, num_views):
         """Per-example losses `[B]` and predictions of a whole batch, in one
         forward pass (the fast engine's). With `num_views` K, `x` is `[B, K,
@@ -279,17 +298,13 @@ class DPTrainer:
             x = tf.reshape(x, [-1, *x.shape[2:]])
         # The batch's dropout and other random ops read the first example's
         # seed: fresh every step (and every microbatch).
-        mapping = [
-            (sg.state, tf.cast(s[0], sg.state.dtype))
-            for sg, s in zip(seed_generators, seeds)
-        ]
-        with StatelessScope(state_mapping=mapping, collect_losses=True) as s:
-            if self._call_has_training_arg:
-                y_pred = self(x, training=True)
-            else:
-                y_pred = self(x)
-        check_no_state_updates(self, s, seed_generators)
-        if s.losses:
+        first_seeds = [s[0] for s in seeds]
+        with self._training_forward(x, seed_generators, first_seeds) as (
+            y_pred,
+            scope,
+        ):
+            pass
+        if scope.losses:
             raise fast_clipping.Unsupported(
                 "the model adds losses in its forward pass (add_loss)"
             )
@@ -355,19 +370,10 @@ class DPTrainer:
             y = tf.nest.map_structure(
                 lambda t: tf.repeat(t[None], rows, axis=0), y
             )
-        mapping = [
-            (sg.state, tf.cast(s, sg.state.dtype))
-            for sg, s in zip(seed_generators, seeds)
-        ]
-        with StatelessScope(state_mapping=mapping, collect_losses=True) as s:
-            if self._call_has_training_arg:
-                y_pred = self(x, training=True)
-            else:
-                y_pred = self(x)
+        with self._training_forward(x, seed_generators, seeds) as (y_pred, _):
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=None, training=True
             )
-        check_no_state_updates(self, s, seed_generators)
         # Keras divides losses by the number of replicas; a per-example loss
         # must stay whole so that its gradient is clipped at the right scale.
         loss = loss_module.unscale_loss_for_distribution(loss)
