@@ -297,8 +297,9 @@ def _expand(factors, rows):
 
 
 class _SmallTap:
-    """Variables with small per-example gradients (norm layers, gains,
-    biases): those are formed, `[B, ...]`, and summed with the factors."""
+    """Variables with small per-example gradients (normalization scale and
+    offset, SkipInit gains): those are formed, `[B, ...]`, and summed with
+    the factors."""
 
     def __init__(self, variables, per_example_fn, sources):
         self.variables = variables
@@ -433,8 +434,12 @@ class _LinearTap:
 
     def sq_norms(self, g, batch):
         self._small = []
+        # The gain's per-example gradient; times the gain it is also the
+        # `v . U` of a weight-standardized kernel (`_aligned`).
+        self._gain_grads = None
         if self._gain is not None:
-            self._small.append(_per_example_sum(g * self._z, batch))
+            self._gain_grads = _per_example_sum(g * self._z, batch)
+            self._small.append(self._gain_grads)
         if self.layer.bias is not None:
             self._small.append(_per_example_sum(g, batch))
         sq = self._kernel_sq_norms(self._g_lin(g), batch)
@@ -523,7 +528,7 @@ class _ConvTap(_LinearTap):
             return self._ws_sq_norms(
                 ghost_norms.gram_sq_norms(a, g * inv_std),
                 tf.einsum("bn,bnd->bd", tf.reduce_sum(a, -1), g),
-                _per_example_sum(g_lin * self._z, batch),
+                self._aligned(g_lin, batch),
             )
         rows = self._x.shape[0] // batch
         v = pfor_conv.grouped_filter_gradient(
@@ -544,6 +549,12 @@ class _ConvTap(_LinearTap):
             tf.reduce_sum(v, 1),
             tf.reduce_sum(v * tf.reshape(unit, [p, d]), 1),
         )
+
+    def _aligned(self, g_lin, batch):
+        """`v . U` per example and output channel: `sum_t g_lin * z`."""
+        if self._gain_grads is not None:
+            return self._gain_grads * tf.cast(self._gain, tf.float32)
+        return _per_example_sum(g_lin * self._z, batch)
 
     def _ws_sq_norms(self, weighted_sq, sums, aligned):
         _, inv_std, dlog, var = self._ws
