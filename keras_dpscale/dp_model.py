@@ -219,9 +219,7 @@ class DPTrainer:
         def batch_loss_fn(inputs):
             (*xy, seeds) = inputs
             xb, yb = (xy[0], None) if y is None else xy
-            return self._batch_losses(
-                xb, yb, seed_generators, seeds, num_views
-            )
+            return self._batch_losses(xb, yb, seed_generators, seeds, num_views)
 
         def clipped_sum(example, mask):
             args = (
@@ -311,7 +309,9 @@ class DPTrainer:
         losses = self._per_row_losses(y, y_pred, rows)
         losses = tf.reduce_mean(tf.reshape(losses, [-1, rows]), axis=1)
         return losses, tf.nest.map_structure(
-            lambda t: tf.reduce_mean(tf.reshape(t, [-1, rows, *t.shape[1:]]), 1),
+            lambda t: tf.reduce_mean(
+                tf.reshape(t, [-1, rows, *t.shape[1:]]), 1
+            ),
             y_pred,
         )
 

@@ -48,14 +48,17 @@ from keras_dpscale.layers import ws_conv
 _log = logging.getLogger("keras_dpscale")
 
 
-
-
 class Unsupported(Exception):
     """The fast engine cannot compute this model's per-example norms exactly."""
 
 
 def clipped_gradient_sum(
-    model, loss_fn, variables, inputs, l2_norm_clip, microbatch_size=None,
+    model,
+    loss_fn,
+    variables,
+    inputs,
+    l2_norm_clip,
+    microbatch_size=None,
     mask=None,
 ):
     """Sum over the batch of per-example gradients clipped to norm <= C.
@@ -99,16 +102,15 @@ def clipped_gradient_sum(
         if recorder.fallbacks:
             _log.info(
                 "fast clipping: per-example gradients by the vectorized path "
-                "for the layers %s", ", ".join(recorder.fallbacks)
+                "for the layers %s",
+                ", ".join(recorder.fallbacks),
             )
         out_grads = tape.gradient(
             total,
             [tap.sources for tap in taps],
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
-        sq_norms = [
-            tap.sq_norms(g, batch) for tap, g in zip(taps, out_grads)
-        ]
+        sq_norms = [tap.sq_norms(g, batch) for tap, g in zip(taps, out_grads)]
         norms = tf.sqrt(tf.add_n(sq_norms) if sq_norms else tf.zeros([batch]))
         factors = clipping.clip_factors(norms, l2_norm_clip)
         factors *= tf.cast(chunk_mask, tf.float32)
@@ -136,7 +138,9 @@ def _key(variable):
 
 
 def _own_trainable(layer):
-    return [v for v in getattr(layer, "_trainable_variables", []) if v.trainable]
+    return [
+        v for v in getattr(layer, "_trainable_variables", []) if v.trainable
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -172,7 +176,9 @@ class _Recorder:
                     outputs, tap = _VectorizedTap.record(
                         layer, own, original, args, kwargs
                     )
-                    self.fallbacks.append(f"{layer.name} ({type(layer).__name__})")
+                    self.fallbacks.append(
+                        f"{layer.name} ({type(layer).__name__})"
+                    )
                 self.taps.append(tap)
             else:
                 outputs = original(*args, **kwargs)
@@ -338,7 +344,9 @@ def _normalization(layer, x, xhat):
             _per_example_sum(g if f is None else g * f, batch) for f in factors
         ]
 
-    return ops.cast(o, layer.compute_dtype), _SmallTap(variables, per_example, o)
+    return ops.cast(o, layer.compute_dtype), _SmallTap(
+        variables, per_example, o
+    )
 
 
 def _group_norm(layer, x):
@@ -453,14 +461,17 @@ class _LinearTap:
         formed them."""
         kernel = self.layer.kernel
         if getattr(self, "_per_example", None) is not None:
-            total = _weighted_sum(self._per_example, factors)
+            # [C_in, kh, kw, B, O] -> [kh, kw, C_in, O]
+            f = tf.reshape(factors, [1, 1, 1, -1, 1])
+            total = tf.reduce_sum(
+                tf.math.multiply_no_nan(self._per_example, f), axis=3
+            )
+            total = tf.transpose(total, [1, 2, 0, 3])
             if self._ws is None:
-                return tf.reshape(total, kernel.shape)
+                return total
             with tf.GradientTape() as tape:
                 unit = self.layer.standardization(kernel)[0]
-            return tape.gradient(
-                unit, kernel, output_gradients=tf.reshape(total, unit.shape)
-            )
+            return tape.gradient(unit, kernel, output_gradients=total)
         rows = _expand(factors, self._x.shape[0])
         x = tf.stop_gradient(_scale(self._x, tf.cast(rows > 0, rows.dtype)))
         with tf.GradientTape() as tape:
@@ -505,8 +516,10 @@ class _ConvTap(_LinearTap):
     def _kernel_sq_norms(self, g_lin, batch):
         layer = self.layer
         kh, kw, c_in, d = layer.kernel.shape
+        rows, height, width, _ = self._x.shape
         _, out_h, out_w, _ = g_lin.shape
-        n = self._x.shape[0] // batch * out_h * out_w
+        views = rows // batch
+        n = views * out_h * out_w
         p = kh * kw * c_in
         conv = dict(
             kernel_size=(kh, kw),
@@ -514,40 +527,83 @@ class _ConvTap(_LinearTap):
             padding=layer.padding.upper(),
             dilations=tuple(layer.dilation_rate),
         )
-        if layer.groups == 1 and ghost_norms.use_ghost(n, p, d):
-            a = tf.reshape(
-                ghost_norms.patches(
-                    tf.cast(self._x, tf.float32), out_size=(out_h, out_w), **conv
-                ),
-                [batch, n, p],
+        padded = [
+            size
+            + sum(
+                ghost_norms.conv_padding(size, out, k, s, dl, conv["padding"])
             )
-            g = tf.cast(_rows(g_lin, batch), tf.float32)
-            if self._ws is None:
-                return ghost_norms.gram_sq_norms(a, g)
-            _, inv_std, _, _ = self._ws
-            return self._ws_sq_norms(
-                ghost_norms.gram_sq_norms(a, g * inv_std),
-                tf.einsum("bn,bnd->bd", tf.reduce_sum(a, -1), g),
-                self._aligned(g_lin, batch),
+            for size, out, k, s, dl in zip(
+                (height, width),
+                (out_h, out_w),
+                (kh, kw),
+                conv["strides"],
+                conv["dilations"],
             )
-        rows = self._x.shape[0] // batch
-        v = pfor_conv.grouped_filter_gradient(
-            tf.reshape(self._x, [batch, rows, *self._x.shape[1:]]),
-            tf.reshape(g_lin, [batch, rows, *g_lin.shape[1:]]),
-            layer.groups,
-            **conv,
+        ]
+        form = "per_example"
+        if layer.groups == 1:
+            form = ghost_norms.cheapest(
+                ghost_norms.conv_costs(
+                    n, p, d, views * padded[0] * padded[1], c_in, kh * kw
+                )
+            )
+        if form != "per_example":
+            return self._gram_sq_norms(form, g_lin, batch, conv)
+        # [C_in, kh, kw, B, O]: example i's gradient is [:, :, :, i, :].
+        v = tf.cast(
+            pfor_conv.grouped_filter_gradient(
+                tf.reshape(self._x, [batch, views, *self._x.shape[1:]]),
+                tf.reshape(g_lin, [batch, views, *g_lin.shape[1:]]),
+                layer.groups,
+                **conv,
+            ),
+            tf.float32,
         )
-        v = tf.reshape(tf.cast(v, tf.float32), [batch, p, d])
         # Kept for the clipped sum: no second weight gradient (book-keeping)
         # where the per-example gradients exist anyway.
         self._per_example = v
+        kernel_axes = [0, 1, 2]
         if self._ws is None:
-            return tf.reduce_sum(tf.square(v), [1, 2])
+            return tf.reduce_sum(tf.square(v), kernel_axes + [4])
         unit, inv_std, _, _ = self._ws
+        unit = tf.transpose(unit, [2, 0, 1, 3])[:, :, :, None, :]
         return self._ws_sq_norms(
-            tf.reduce_sum(tf.square(v * inv_std), [1, 2]),
-            tf.reduce_sum(v, 1),
-            tf.reduce_sum(v * tf.reshape(unit, [p, d]), 1),
+            tf.reduce_sum(tf.square(v * inv_std), kernel_axes + [4]),
+            tf.reduce_sum(v, kernel_axes),
+            tf.reduce_sum(v * unit, kernel_axes),
+        )
+
+    def _gram_sq_norms(self, form, g_lin, batch, conv):
+        """The Gram forms: the patches' Gram from the patches ("gram") or
+        from the input's pixels ("input_gram")."""
+        out_size = tuple(g_lin.shape[1:3])
+        x = tf.cast(self._x, tf.float32)
+        if form == "gram":
+            a = _rows(ghost_norms.patches(x, out_size=out_size, **conv), batch)
+            a_gram = ghost_norms.gram(a)
+        else:
+            a_gram = ghost_norms.input_gram(x, batch, out_size=out_size, **conv)
+        g = tf.cast(_rows(g_lin, batch), tf.float32)
+        if self._ws is None:
+            return ghost_norms.gram_sq_norms(a_gram, g)
+        _, inv_std, _, _ = self._ws
+        # Each patch's sum over its entries: the patches of the input summed
+        # over its channels.
+        patch_sums = tf.reduce_sum(
+            _rows(
+                ghost_norms.patches(
+                    tf.reduce_sum(x, -1, keepdims=True),
+                    out_size=out_size,
+                    **conv,
+                ),
+                batch,
+            ),
+            -1,
+        )
+        return self._ws_sq_norms(
+            ghost_norms.gram_sq_norms(a_gram, g * inv_std),
+            tf.einsum("bn,bnd->bd", patch_sums, g),
+            self._aligned(g_lin, batch),
         )
 
     def _aligned(self, g_lin, batch):
@@ -629,7 +685,8 @@ class _VectorizedTap:
         rows = self.sources[0].shape[0]
         flat = tf.nest.flatten((self._args, self._kwargs))
         batched = [
-            i for i, t in enumerate(flat)
+            i
+            for i, t in enumerate(flat)
             if tf.is_tensor(t) and t.shape.rank and t.shape[0] == rows
         ]
 
@@ -655,12 +712,16 @@ class _VectorizedTap:
 
         self._grads = tf.vectorized_map(
             one,
-            ([per_example(flat[i]) for i in batched], [per_example(t) for t in g]),
+            (
+                [per_example(flat[i]) for i in batched],
+                [per_example(t) for t in g],
+            ),
         )
         return tf.add_n(
             [
                 tf.reduce_sum(
-                    tf.reshape(tf.square(tf.cast(t, tf.float32)), [batch, -1]), 1
+                    tf.reshape(tf.square(tf.cast(t, tf.float32)), [batch, -1]),
+                    1,
                 )
                 for t in self._grads
             ]

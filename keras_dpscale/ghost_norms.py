@@ -3,41 +3,55 @@
 A linear layer `o = a @ W` seen by example i through its rows `a_i` (`[n,
 p]`: n positions, or K augmult views times positions) with output gradient
 `g_i` (`[n, d]`) has the per-example gradient `a_i^T g_i` (`[p, d]`). Its
-squared norm has two exact forms (Li et al. 2021; Bu et al. 2022):
+squared norm has exact forms of different costs (Li et al. 2021; Bu et al.
+2022), and `cheapest` picks one per layer ("mixed ghost clipping"):
 
-- ghost (Gram) form: `<a_i a_i^T, g_i g_i^T>`, cost ~ n^2 (p + d) and
-  memory n^2 per example;
-- per-example form: `||a_i^T g_i||^2`, cost ~ n p d and memory p d.
+- "per_example": `||a_i^T g_i||^2`, cost ~ n p d and memory p d;
+- "gram" (ghost): `<a_i a_i^T, g_i g_i^T>`, cost ~ n^2 (p + d), memory n^2;
+- "input_gram", convolutions only: the same Gram form, with `a_i a_i^T`
+  (the patches' Gram) summed from the Gram of the input's pixels
+  (`input_gram`) instead of formed from the patches, which are kh*kw times
+  larger than the input: cost ~ N^2 c_in + n^2 (d + kh kw) for N input
+  positions of c_in channels.
 
-`matmul_sq_norms` picks the cheaper one per layer ("mixed ghost
-clipping"). Convolutions are linear layers on image patches (`patches`).
-Weight-standardized kernels (`ws_kernel_sq_norms`) need three per-channel
+Convolutions are linear layers on image patches (`patches`). Weight-
+standardized kernels (`ws_kernel_sq_norms`) need three per-channel
 quantities of the gradient with respect to the standardized kernel, which
-both forms provide. Everything is computed in float32.
+all forms provide. Everything is computed in float32.
 """
 
 import tensorflow as tf
 
 
-def use_ghost(n, p, d):
-    """True when the Gram form is cheaper: n^2 (p + d) < n p d."""
-    return n * (p + d) < p * d
+def cheapest(costs):
+    """The form of least cost, from `{form: multiply-adds per example}`."""
+    return min(costs, key=costs.get)
 
 
-def gram_sq_norms(a, g):
-    """`||a_i^T g_i||^2` by the Gram form, for `[B, n, p]`, `[B, n, d]`.
+def matmul_costs(n, p, d):
+    """Costs of the forms of a linear layer with n rows per example."""
+    return {"per_example": n * p * d, "gram": n * n * (p + d)}
 
-    Returns `[B]`: `sum_{s,t} (a_s . a_t) (g_s . g_t)`.
-    """
+
+def conv_costs(n, p, d, in_positions, c_in, kernel_positions):
+    """Costs of the forms of a convolution (`matmul_costs` on its patches,
+    and "input_gram" from `in_positions` padded input positions)."""
+    return dict(
+        matmul_costs(n, p, d),
+        input_gram=in_positions**2 * c_in + n * n * (d + kernel_positions),
+    )
+
+
+def gram(a):
+    """`a_i a_i^T` for `[B, n, p]`: `[B, n, n]` (float32)."""
     a = tf.cast(a, tf.float32)
-    g = tf.cast(g, tf.float32)
-    if a.shape[1] == 1:  # one row: ||a||^2 ||g||^2
-        return tf.reduce_sum(tf.square(a), [1, 2]) * tf.reduce_sum(
-            tf.square(g), [1, 2]
-        )
-    gram_a = tf.einsum("bnp,bmp->bnm", a, a)
-    gram_g = tf.einsum("bnd,bmd->bnm", g, g)
-    return tf.reduce_sum(gram_a * gram_g, [1, 2])
+    return tf.einsum("bnp,bmp->bnm", a, a)
+
+
+def gram_sq_norms(a_gram, g):
+    """`||a_i^T g_i||^2 = <a_i a_i^T, g_i g_i^T>` from the rows' Gram
+    `[B, n, n]` and `g` `[B, n, d]`: `[B]`."""
+    return tf.reduce_sum(a_gram * gram(g), [1, 2])
 
 
 def outer(a, g):
@@ -50,9 +64,8 @@ def outer(a, g):
 def matmul_sq_norms(a, g):
     """`||a_i^T g_i||^2` for `[B, n, p]`, `[B, n, d]`, by the cheaper form."""
     _, n, p = a.shape
-    d = g.shape[-1]
-    if use_ghost(n, p, d):
-        return gram_sq_norms(a, g)
+    if cheapest(matmul_costs(n, p, g.shape[-1])) == "gram":
+        return gram_sq_norms(gram(a), g)
     return tf.reduce_sum(tf.square(outer(a, g)), [1, 2])
 
 
@@ -64,6 +77,41 @@ def conv_padding(size, out, kernel, stride, dilation, padding):
     return [total // 2, total - total // 2]
 
 
+def _pad(x, kernel_size, strides, padding, dilations, out_size):
+    """`[N, H, W, ...]` zero-padded as the convolution pads its input."""
+    _, height, width = x.shape[:3]
+    pads = [
+        conv_padding(size, out, k, s, dl, padding)
+        for size, out, k, s, dl in zip(
+            (height, width), out_size, kernel_size, strides, dilations
+        )
+    ]
+    return tf.pad(x, [[0, 0], *pads] + [[0, 0]] * (len(x.shape) - 3))
+
+
+def _offsets(kernel_size, strides, dilations, out_size):
+    """For each kernel offset (row-major), the slices of the padded input's
+    rows and columns that it meets: `[(rows, cols), ...]`."""
+    (out_h, out_w), (sh, sw), (dh, dw) = out_size, strides, dilations
+    return [
+        (
+            slice(i * dh, i * dh + (out_h - 1) * sh + 1, sh),
+            slice(j * dw, j * dw + (out_w - 1) * sw + 1, sw),
+        )
+        for i in range(kernel_size[0])
+        for j in range(kernel_size[1])
+    ]
+
+
+def windows(x, kernel_size, strides, padding, dilations, out_size):
+    """What each kernel offset sees: kh*kw tensors `[N, H', W', C]`."""
+    x = _pad(x, kernel_size, strides, padding, dilations, out_size)
+    return [
+        x[:, rows, cols, :]
+        for rows, cols in _offsets(kernel_size, strides, dilations, out_size)
+    ]
+
+
 def patches(x, kernel_size, strides, padding, dilations, out_size):
     """Image patches of a 2D convolution: `[N, H, W, C]` -> `[N, H', W', kh*kw*C]`.
 
@@ -71,26 +119,44 @@ def patches(x, kernel_size, strides, padding, dilations, out_size):
     that the convolution is `patches @ kernel`. Built from strided slices
     (copies, no arithmetic).
     """
-    _, height, width, _ = x.shape
-    pads = [
-        conv_padding(size, out, k, s, dl, padding)
-        for size, out, k, s, dl in zip(
-            (height, width), out_size, kernel_size, strides, dilations
-        )
-    ]
-    x = tf.pad(x, [[0, 0], *pads, [0, 0]])
-    (out_h, out_w), (sh, sw), (dh, dw) = out_size, strides, dilations
-    windows = [
-        x[
-            :,
-            i * dh : i * dh + (out_h - 1) * sh + 1 : sh,
-            j * dw : j * dw + (out_w - 1) * sw + 1 : sw,
-            :,
-        ]
-        for i in range(kernel_size[0])
-        for j in range(kernel_size[1])
-    ]
-    return tf.concat(windows, axis=-1)
+    return tf.concat(
+        windows(x, kernel_size, strides, padding, dilations, out_size), -1
+    )
+
+
+def input_gram(x, batch, kernel_size, strides, padding, dilations, out_size):
+    """The Gram of each example's patch rows, from the Gram of its pixels.
+
+    Patch s of a convolution reads the padded input at `s * stride + k *
+    dilation` for the kernel offsets k, so `a_s . a_t = sum_k X[s * stride +
+    k * dilation, t * stride + k * dilation]` with `X` the Gram of the
+    padded input's pixels: kh*kw strided slices of X, added.
+
+    Args:
+        x: `[B*K, H, W, C]`: the input, K rows (augmult views) per example.
+        batch: B.
+        kernel_size, strides, padding, dilations, out_size: as `patches`.
+
+    Returns:
+        `[B, n, n]` with `n = K * out_h * out_w`, rows ordered as
+        `patches(x, ...)` reshaped to `[B, n, kh*kw*C]`.
+    """
+    rows, _, _, channels = x.shape
+    views = rows // batch
+    conv = (kernel_size, strides, padding, dilations, out_size)
+    x = _pad(tf.cast(x, tf.float32), *conv)
+    _, hp, wp, _ = x.shape
+    pixels = tf.reshape(x, [batch, views * hp * wp, channels])
+    pixel_gram = tf.reshape(
+        tf.matmul(pixels, pixels, transpose_b=True),
+        [batch, views, hp, wp, views, hp, wp],
+    )
+    total = 0.0
+    for r, c in _offsets(kernel_size, strides, dilations, out_size):
+        total += pixel_gram[:, :, r, c, :, r, c]
+    out_h, out_w = out_size
+    n = views * out_h * out_w
+    return tf.reshape(total, [batch, n, n])
 
 
 def ws_kernel_sq_norms(weighted_sq, sums, aligned, inv_std, dlog, var, fan_in):

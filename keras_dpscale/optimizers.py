@@ -419,7 +419,9 @@ class DPOptimizerMixin:
         ledger = tf.convert_to_tensor(self._ledger)
         size = tf.convert_to_tensor(self._ledger_size)
         last = tf.maximum(size - 1, 0)
-        last_row = ledger[last]
+        # A gather, not `ledger[last]`: XLA needs a strided slice's bounds at
+        # compile time and would recompile the step for each ledger size.
+        last_row = tf.gather(ledger, last)
         same = (size > 0) & tf.reduce_all(tf.equal(last_row[:4], row))
         full = size >= LEDGER_CAPACITY
         merged = tf.stack(

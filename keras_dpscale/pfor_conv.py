@@ -17,6 +17,8 @@ import tensorflow as tf
 from tensorflow.python.framework import tensor_util
 from tensorflow.python.ops.parallel_for import pfor
 
+from keras_dpscale import ghost_norms
+
 _OP = "Conv2DBackpropFilter"
 _original = pfor._pfor_converter_registry.get(_OP)
 
@@ -41,19 +43,18 @@ def per_example_filter_gradient(
         dilations: `(dh, dw)`.
 
     Returns:
-        `[N, kh, kw, C_in, C_out]`: example n's filter gradient, summed over
-        the `b` rows of that example.
+        `[C_in, kh, kw, N, C_out]`: example n's filter gradient (summed over
+        its `b` rows) is `[:, :, :, n, :]`, in the layout the convolution
+        produces (no transpose of this large tensor).
     """
     _, b, height, width, c_in = inputs.shape
     _, _, out_h, out_w, c_out = out_grads.shape
-    pads = [[0, 0]]
-    for size, out, k, s, d in zip(
-        (height, width), (out_h, out_w), kernel_size, strides, dilations
-    ):
-        total = 0
-        if padding == "SAME":
-            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-        pads.append([total // 2, total - total // 2])
+    pads = [[0, 0]] + [
+        ghost_norms.conv_padding(size, out, k, s, d, padding)
+        for size, out, k, s, d in zip(
+            (height, width), (out_h, out_w), kernel_size, strides, dilations
+        )
+    ]
     # [N, b, H, W, C] -> [C, H, W, N*b]: the input channels become the batch.
     x = tf.reshape(inputs, [-1, height, width, c_in])
     x = tf.transpose(tf.pad(x, pads + [[0, 0]]), [3, 1, 2, 0])
@@ -70,7 +71,7 @@ def per_example_filter_gradient(
         padding="VALID",
     )[:, : kernel_size[0], : kernel_size[1], :]
     grads = tf.reshape(grads, [c_in, *kernel_size, -1, b, c_out])
-    return tf.transpose(tf.reduce_sum(grads, axis=4), [3, 1, 2, 0, 4])
+    return tf.reduce_sum(grads, axis=4)
 
 
 def grouped_filter_gradient(inputs, out_grads, groups, **conv):
@@ -122,9 +123,8 @@ def _convert(pfor_input):
         dilations=tuple(dilations[1:3]),
     )
     groups = inputs.shape[-1] // int(filter_sizes[2])
-    return pfor.wrap(
-        grouped_filter_gradient(inputs, out_grads, groups, **conv), True
-    )
+    grads = grouped_filter_gradient(inputs, out_grads, groups, **conv)
+    return pfor.wrap(tf.transpose(grads, [3, 1, 2, 0, 4]), True)
 
 
 def install():

@@ -510,3 +510,39 @@ def test_layer_declaring_it_mixes_examples_raises():
     )
     with pytest.raises(ValueError, match="other examples of the batch"):
         compile_dp(model)
+
+
+COMPILE_COUNT = """
+import keras, numpy as np
+import keras_dpscale as kd
+model = kd.DPSequential([keras.Input((4,)), keras.layers.Dense(3)])
+model.compile(optimizer=kd.DPSGD(learning_rate=0.1, l2_norm_clip=1.0,
+                                 noise_multiplier=1.0),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+rng = np.random.default_rng(0)
+for _ in range(3):  # the privacy ledger's size goes 0, 1, 1
+    model.train_on_batch(rng.normal(size=(8, 4)).astype("float32"),
+                         rng.integers(0, 3, 8))
+"""
+
+
+def test_the_dp_step_compiles_once(tmp_path):
+    # A value read as a compile-time constant (the ledger's size as a slice
+    # bound did) makes XLA compile the step again for each new value.
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_dump_to={tmp_path} "
+        "--xla_backend_optimization_level=0",
+    )
+    subprocess.run(
+        [sys.executable, "-c", COMPILE_COUNT],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    steps = {
+        p.name.split(".")[0]
+        for p in tmp_path.iterdir()
+        if "one_step_on_data" in p.name
+    }
+    assert len(steps) == 1, sorted(steps)

@@ -98,10 +98,14 @@ def test_fast_equals_vectorized_and_loop(name, caplog):
     check_against_loop(model, x, y, caplog)
 
 
-@pytest.mark.parametrize("ghost", [True, False])
-def test_gram_and_per_example_forms_agree(ghost, monkeypatch, caplog):
-    # Each layer forced to one form; both are exact.
-    monkeypatch.setattr(ghost_norms, "use_ghost", lambda n, p, d: ghost)
+@pytest.mark.parametrize("form", ["per_example", "gram", "input_gram"])
+def test_every_form_is_exact(form, monkeypatch, caplog):
+    # Each layer forced to one form where it has it (per_example otherwise).
+    monkeypatch.setattr(
+        ghost_norms,
+        "cheapest",
+        lambda costs: form if form in costs else "per_example",
+    )
     model = layer_zoo()
     x, y = inputs_for(model, 5)
     check_against_loop(model, x, y, caplog)
@@ -196,7 +200,9 @@ class ChannelScale(keras.layers.Layer):
     mixes_examples = False
 
     def build(self, input_shape):
-        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+        self.scale = self.add_weight(
+            shape=(input_shape[-1],), initializer="ones"
+        )
 
     def call(self, inputs):
         return inputs * self.scale**2
@@ -213,7 +219,9 @@ def test_unregistered_layer_falls_back_alone(caplog):
     with caplog.at_level(logging.INFO, logger="keras_dpscale"):
         fast = clipped_sum(model, x, y, clip, "fast")
     assert_sums_close(fast, expected)
-    lines = [r.getMessage() for r in caplog.records if "my_scale" in r.getMessage()]
+    lines = [
+        r.getMessage() for r in caplog.records if "my_scale" in r.getMessage()
+    ]
     assert len(lines) == 1 and "vectorized" in lines[0]
     assert "conv2d" not in lines[0]
 
@@ -304,7 +312,9 @@ def test_weight_regularizers_are_refused_by_both_engines():
 def test_partly_frozen_layer_falls_back_exactly(caplog):
     model = layer_zoo()
     norm = next(
-        l for l in model.layers if isinstance(l, keras.layers.GroupNormalization)
+        l
+        for l in model.layers
+        if isinstance(l, keras.layers.GroupNormalization)
     )
     norm.beta.trainable = False
     x, y = inputs_for(model, 5)

@@ -18,16 +18,35 @@ def test_gram_and_per_example_forms_equal_direct_norms(n):
     a = rng.normal(size=(3, n, 4)).astype("float32")
     g = rng.normal(size=(3, n, 6)).astype("float32")
     expected = direct_sq_norms(a, g)
-    np.testing.assert_allclose(ghost_norms.gram_sq_norms(a, g), expected, 1e-5)
+    gram = ghost_norms.gram(a)
+    np.testing.assert_allclose(
+        ghost_norms.gram_sq_norms(gram, g), expected, 1e-5
+    )
     per_example = np.sum(ghost_norms.outer(a, g).numpy() ** 2, axis=(1, 2))
     np.testing.assert_allclose(per_example, expected, 1e-5)
-    np.testing.assert_allclose(ghost_norms.matmul_sq_norms(a, g), expected, 1e-5)
+    np.testing.assert_allclose(
+        ghost_norms.matmul_sq_norms(a, g), expected, 1e-5
+    )
 
 
-def test_the_cheaper_form_is_chosen():
-    assert ghost_norms.use_ghost(1, 10, 10)  # one row: Gram is a product
-    assert not ghost_norms.use_ghost(1024, 576, 64)  # WRN stage 1
-    assert ghost_norms.use_ghost(64, 2304, 256)  # WRN stage 3
+def test_the_cheapest_form_is_chosen():
+    def conv(size, c_in, d, out=None):  # 3x3 'same' convolution
+        out = out or size
+        costs = ghost_norms.conv_costs(
+            out * out, 9 * c_in, d, (size + 2) ** 2, c_in, 9
+        )
+        return ghost_norms.cheapest(costs)
+
+    cheapest = ghost_norms.cheapest
+    assert cheapest(ghost_norms.matmul_costs(1, 10, 10)) == "gram"  # one row
+    assert cheapest(ghost_norms.matmul_costs(64, 10, 10)) == "per_example"
+    # WRN-16-4 on 32x32: per-example at 32x32, input Gram at 16x16 and 8x8.
+    assert conv(32, 64, 64) == "per_example"
+    assert conv(16, 128, 128) == "input_gram"
+    assert conv(8, 256, 256) == "input_gram"
+    # A 1x1 convolution with stride 2 reads a quarter of its input.
+    costs = ghost_norms.conv_costs(64, 128, 256, 256, 128, 1)
+    assert cheapest(costs) == "gram"
 
 
 @pytest.mark.parametrize(
@@ -53,6 +72,45 @@ def test_patches_times_kernel_is_the_convolution(
     )
     np.testing.assert_allclose(
         patches @ w.reshape(-1, 4), conv, rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "size, kernel, strides, padding, dilations",
+    [
+        (7, (3, 3), (1, 1), "SAME", (1, 1)),
+        (8, (3, 3), (2, 2), "SAME", (1, 1)),
+        (7, (3, 2), (1, 2), "VALID", (1, 1)),
+        (9, (3, 3), (1, 1), "SAME", (2, 2)),
+        (6, (1, 1), (2, 2), "VALID", (1, 1)),
+    ],
+)
+@pytest.mark.parametrize("views", [1, 2])
+def test_input_gram_is_the_patches_gram(
+    size, kernel, strides, padding, dilations, views
+):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3 * views, size, size, 4)).astype("float32")
+    out = tf.nn.conv2d(
+        x,
+        np.zeros((*kernel, 4, 1), "float32"),
+        strides,
+        padding,
+        dilations=dilations,
+    ).shape[1:3]
+    conv = dict(
+        kernel_size=kernel,
+        strides=strides,
+        padding=padding,
+        dilations=dilations,
+        out_size=tuple(out),
+    )
+    a = tf.reshape(ghost_norms.patches(x, **conv), [3, -1, np.prod(kernel) * 4])
+    np.testing.assert_allclose(
+        ghost_norms.input_gram(x, 3, **conv),
+        ghost_norms.gram(a),
+        rtol=1e-4,
+        atol=1e-4,
     )
 
 

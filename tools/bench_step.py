@@ -8,10 +8,15 @@ For each batch size it prints the median step time of the non-private step
 (Keras' own train_step with SGD) and of the DP step (per-example clipping,
 noise) with each clipping engine ("fast": ghost norms and book-keeping;
 "vectorized": per-example gradients by tf.vectorized_map), the DP/non-
-private time ratio, and the peak resident memory of the timed steps (the
+private time ratio, and the peak resident memory of the steps (the
 process's high-water mark, reset after compilation) and its ratio, beside
-the peak including XLA compilation. Each runs in a fresh process. All
-steps are XLA-compiled; the first steps (compilation) are not timed.
+the peak including XLA compilation.
+
+Times come from one process that holds every model and runs their steps
+in turn (non-private, DP, non-private, ...), so that a slower period of a
+shared machine slows all of them alike; the time ratio is the median of
+the ratios within each round. Memory comes from a fresh process per model.
+All steps are XLA-compiled; the first steps (compilation) are not timed.
 """
 
 import json
@@ -32,7 +37,7 @@ flags.DEFINE_list("batch_sizes", ["64", "256"], "Physical batch sizes.")
 flags.DEFINE_list(
     "engines", ["fast", "vectorized"], "DPSGD clipping engines to time."
 )
-flags.DEFINE_integer("steps", 5, "Timed steps per run.")
+flags.DEFINE_integer("steps", 5, "Timed rounds (one step of each model).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per run.")
 flags.DEFINE_integer("microbatch_size", None, "DPSGD microbatch_size.")
 flags.DEFINE_enum(
@@ -52,8 +57,8 @@ flags.DEFINE_string("_child", None, "Internal: run one measurement.")
 FLAGS = flags.FLAGS
 
 
-def measure(engine, batch_size):
-    """Builds, compiles and times one model in this process."""
+def build(engine, batch_size):
+    """A compiled model of `engine` and one batch of random data."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import numpy as np
@@ -92,20 +97,41 @@ def measure(engine, batch_size):
     y = rng.integers(0, 10, size=(batch_size,)).astype("int32")
     for _ in range(FLAGS.warmup):  # compilation
         model.train_on_batch(x, y)
+    return model, x, y
+
+
+def measure_memory(engine, batch_size):
+    """Peak resident memory of one model's steps, in this process."""
+    model, x, y = build(engine, batch_size)
     with_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # From here on, the peak of the training steps alone (Linux).
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    times = []
-    for _ in range(FLAGS.steps):
-        start = time.perf_counter()
+    for _ in range(2):
         model.train_on_batch(x, y)
-        times.append(time.perf_counter() - start)
     return {
-        "median_s": statistics.median(times),
         "peak_rss_mb": _high_water_mark_mb(),
         "peak_with_compile_mb": with_compile,
         "params": model.count_params(),
+    }
+
+
+def measure_times(engines, batch_size):
+    """Step times of all engines' models, their steps taken in turn."""
+    models = {engine: build(engine, batch_size) for engine in engines}
+    times = {engine: [] for engine in engines}
+    for _ in range(FLAGS.steps):
+        for engine, (model, x, y) in models.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            times[engine].append(time.perf_counter() - start)
+    base = times["non-private"]
+    return {
+        engine: {
+            "median_s": statistics.median(t),
+            "ratio": statistics.median(a / b for a, b in zip(t, base)),
+        }
+        for engine, t in times.items()
     }
 
 
@@ -138,11 +164,11 @@ def input_examples_per_second(batch_size, num_views, batches=50):
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def run_child(engine, batch_size):
+def run_child(task, batch_size):
     argv = [
         sys.executable,
         os.path.abspath(__file__),
-        f"--_child={engine},{batch_size}",
+        f"--_child={task};{batch_size}",
     ] + [a for a in sys.argv[1:] if not a.startswith("--_child")]
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -153,32 +179,37 @@ def run_child(engine, batch_size):
 
 def main(_):
     if FLAGS._child:
-        engine, batch_size = FLAGS._child.split(",")
-        print(json.dumps(measure(engine, int(batch_size))))
+        task, batch_size = FLAGS._child.split(";")
+        if task.startswith("times:"):
+            result = measure_times(task[6:].split(","), int(batch_size))
+        else:
+            result = measure_memory(task, int(batch_size))
+        print(json.dumps(result))
         return
     name = f"WRN-{FLAGS.depth}-{FLAGS.width}"
     print(
         f"{name} (GroupNorm, pre-activation), {FLAGS.image_size}x"
         f"{FLAGS.image_size}x3, {os.cpu_count()} CPUs, XLA, "
-        f"median of {FLAGS.steps} steps, microbatch_size="
+        f"{FLAGS.steps} rounds of steps, microbatch_size="
         f"{FLAGS.microbatch_size}, conv filter gradients: {FLAGS.conv_grad}"
     )
     print(
         f"{'batch':>5} {'step':>12} {'median s':>9} {'time ratio':>10} "
         f"{'peak MB':>8} {'mem ratio':>9} {'peak MB incl. compile':>21}"
     )
+    engines = ["non-private"] + FLAGS.engines
     for batch_size in map(int, FLAGS.batch_sizes):
-        base = run_child("non-private", batch_size)
-        for engine in ["non-private"] + FLAGS.engines:
-            dp = base if engine == "non-private" else run_child(
-                engine, batch_size
-            )
+        times = run_child("times:" + ",".join(engines), batch_size)
+        memory = {engine: run_child(engine, batch_size) for engine in engines}
+        base = memory["non-private"]["peak_rss_mb"]
+        for engine in engines:
+            t, m = times[engine], memory[engine]
             print(
-                f"{batch_size:>5} {engine:>12} {dp['median_s']:>9.3f}"
-                f" {dp['median_s'] / base['median_s']:>9.2f}x"
-                f" {dp['peak_rss_mb']:>8.0f}"
-                f" {dp['peak_rss_mb'] / base['peak_rss_mb']:>8.2f}x"
-                f" {dp['peak_with_compile_mb']:>21.0f}",
+                f"{batch_size:>5} {engine:>12} {t['median_s']:>9.3f}"
+                f" {t['ratio']:>9.2f}x"
+                f" {m['peak_rss_mb']:>8.0f}"
+                f" {m['peak_rss_mb'] / base:>8.2f}x"
+                f" {m['peak_with_compile_mb']:>21.0f}",
                 flush=True,
             )
         if FLAGS.augmult:
@@ -187,7 +218,7 @@ def main(_):
                 f"      input pipeline (augmult K={FLAGS.augmult}): "
                 f"{rate:,.0f} examples/s = {rate * FLAGS.augmult:,.0f} "
                 f"images/s; the DP step consumes "
-                f"{batch_size / dp['median_s']:,.0f} images/s",
+                f"{batch_size / times[engines[-1]]['median_s']:,.0f} images/s",
                 flush=True,
             )
 
