@@ -49,7 +49,8 @@ def test_the_cheapest_form_is_chosen():
     assert cheapest(costs) == "gram"
 
 
-@pytest.mark.parametrize(
+# Input size, kernel, strides, padding, dilations.
+CONVS = pytest.mark.parametrize(
     "size, kernel, strides, padding, dilations",
     [
         (7, (3, 3), (1, 1), "SAME", (1, 1)),
@@ -60,6 +61,9 @@ def test_the_cheapest_form_is_chosen():
         (6, (1, 1), (2, 2), "VALID", (1, 1)),
     ],
 )
+
+
+@CONVS
 def test_patches_times_kernel_is_the_convolution(
     size, kernel, strides, padding, dilations
 ):
@@ -75,16 +79,7 @@ def test_patches_times_kernel_is_the_convolution(
     )
 
 
-@pytest.mark.parametrize(
-    "size, kernel, strides, padding, dilations",
-    [
-        (7, (3, 3), (1, 1), "SAME", (1, 1)),
-        (8, (3, 3), (2, 2), "SAME", (1, 1)),
-        (7, (3, 2), (1, 2), "VALID", (1, 1)),
-        (9, (3, 3), (1, 1), "SAME", (2, 2)),
-        (6, (1, 1), (2, 2), "VALID", (1, 1)),
-    ],
-)
+@CONVS
 @pytest.mark.parametrize("views", [1, 2])
 def test_input_gram_is_the_patches_gram(
     size, kernel, strides, padding, dilations, views
