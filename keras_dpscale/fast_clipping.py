@@ -8,8 +8,9 @@ K rows with augmult):
 2. One backward pass of `L = sum_i loss_i` gives `G = dL/do` for all taps at
    once. Examples do not mix, so example i's rows of G are its own gradient.
 3. Each tap computes its variables' per-example squared gradient norms from
-   its input and G (`ghost_norms`: the Gram form or the per-example form,
-   whichever is cheaper for that layer). Their sum over the taps is each
+   its input and G (`ghost_norms`: the per-example form, the Gram form, or
+   for convolutions the Gram form from the input's pixel Gram, whichever
+   costs least for that layer). Their sum over the taps is each
    example's squared norm over all variables.
 4. Clip factors `c_i = min(1, C / norm_i)`; 0 for a non-finite norm and for
    padding rows of a Poisson batch.
