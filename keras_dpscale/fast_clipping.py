@@ -528,25 +528,13 @@ class _ConvTap(_LinearTap):
             padding=layer.padding.upper(),
             dilations=tuple(layer.dilation_rate),
         )
-        padded = [
-            size
-            + sum(
-                ghost_norms.conv_padding(size, out, k, s, dl, conv["padding"])
-            )
-            for size, out, k, s, dl in zip(
-                (height, width),
-                (out_h, out_w),
-                (kh, kw),
-                conv["strides"],
-                conv["dilations"],
-            )
-        ]
+        in_positions = views * ghost_norms.padded_positions(
+            height, width, out_size=(out_h, out_w), **conv
+        )
         form = "per_example"
         if layer.groups == 1:
             form = ghost_norms.cheapest(
-                ghost_norms.conv_costs(
-                    n, p, d, views * padded[0] * padded[1], c_in, kh * kw
-                )
+                ghost_norms.conv_costs(n, p, d, in_positions, c_in, kh * kw)
             )
         if form != "per_example":
             return self._gram_sq_norms(form, g_lin, batch, conv)

@@ -77,15 +77,26 @@ def conv_padding(size, out, kernel, stride, dilation, padding):
     return [total // 2, total - total // 2]
 
 
-def _pad(x, kernel_size, strides, padding, dilations, out_size):
-    """`[N, H, W, ...]` zero-padded as the convolution pads its input."""
-    _, height, width = x.shape[:3]
-    pads = [
+def _pads(height, width, kernel_size, strides, padding, dilations, out_size):
+    return [
         conv_padding(size, out, k, s, dl, padding)
         for size, out, k, s, dl in zip(
             (height, width), out_size, kernel_size, strides, dilations
         )
     ]
+
+
+def padded_positions(height, width, **conv):
+    """The number of positions of the padded input (`pad`)."""
+    (top, bottom), (left, right) = _pads(height, width, **conv)
+    return (height + top + bottom) * (width + left + right)
+
+
+def pad(x, kernel_size, strides, padding, dilations, out_size):
+    """`[N, H, W, ...]` zero-padded as the convolution pads its input."""
+    pads = _pads(
+        *x.shape[1:3], kernel_size, strides, padding, dilations, out_size
+    )
     return tf.pad(x, [[0, 0], *pads] + [[0, 0]] * (len(x.shape) - 3))
 
 
@@ -105,7 +116,7 @@ def _offsets(kernel_size, strides, dilations, out_size):
 
 def windows(x, kernel_size, strides, padding, dilations, out_size):
     """What each kernel offset sees: kh*kw tensors `[N, H', W', C]`."""
-    x = _pad(x, kernel_size, strides, padding, dilations, out_size)
+    x = pad(x, kernel_size, strides, padding, dilations, out_size)
     return [
         x[:, rows, cols, :]
         for rows, cols in _offsets(kernel_size, strides, dilations, out_size)
@@ -144,7 +155,7 @@ def input_gram(x, batch, kernel_size, strides, padding, dilations, out_size):
     rows, _, _, channels = x.shape
     views = rows // batch
     conv = (kernel_size, strides, padding, dilations, out_size)
-    x = _pad(tf.cast(x, tf.float32), *conv)
+    x = pad(tf.cast(x, tf.float32), *conv)
     _, hp, wp, _ = x.shape
     pixels = tf.reshape(x, [batch, views * hp * wp, channels])
     pixel_gram = tf.reshape(

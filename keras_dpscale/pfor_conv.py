@@ -49,15 +49,16 @@ def per_example_filter_gradient(
     """
     _, b, height, width, c_in = inputs.shape
     _, _, out_h, out_w, c_out = out_grads.shape
-    pads = [[0, 0]] + [
-        ghost_norms.conv_padding(size, out, k, s, d, padding)
-        for size, out, k, s, d in zip(
-            (height, width), (out_h, out_w), kernel_size, strides, dilations
-        )
-    ]
     # [N, b, H, W, C] -> [C, H, W, N*b]: the input channels become the batch.
-    x = tf.reshape(inputs, [-1, height, width, c_in])
-    x = tf.transpose(tf.pad(x, pads + [[0, 0]]), [3, 1, 2, 0])
+    x = ghost_norms.pad(
+        tf.reshape(inputs, [-1, height, width, c_in]),
+        kernel_size,
+        strides,
+        padding,
+        dilations,
+        (out_h, out_w),
+    )
+    x = tf.transpose(x, [3, 1, 2, 0])
     # [N, b, H', W', O] -> [H', W', 1, N*b*O]: one group per row.
     g = tf.transpose(
         tf.reshape(out_grads, [-1, out_h, out_w, c_out]), [1, 2, 0, 3]
