@@ -298,6 +298,22 @@ def _weighted_sum(per_example, factors):
     return tf.reduce_sum(_scale(tf.cast(per_example, tf.float32), factors), 0)
 
 
+def _after(x, g):
+    """`x`, for XLA computed no earlier than `g` (both `[rows, ...]`).
+
+    XLA schedules work that needs only a tap's input (a transpose, a Gram)
+    as soon as the forward pass made it, and then holds the result through
+    the whole backward pass. Adding zero times an entry of each row's `g`
+    makes the work wait for that row's `g`. A non-finite `g` makes its own
+    row's norm non-finite, as it would anyway.
+    """
+    first = tf.reshape(g, [g.shape[0], -1])[:, :1]
+    zero = tf.reshape(
+        tf.cast(first, x.dtype) * 0, [-1] + [1] * (x.shape.rank - 1)
+    )
+    return x + zero
+
+
 def _expand(factors, rows):
     """Per-example factors `[B]` -> per-row `[B*K]`."""
     return tf.repeat(factors, rows // factors.shape[0])
@@ -462,12 +478,11 @@ class _LinearTap:
         formed them."""
         kernel = self.layer.kernel
         if getattr(self, "_per_example", None) is not None:
-            # [C_in, kh, kw, B, O] -> [kh, kw, C_in, O]
-            f = tf.reshape(factors, [1, 1, 1, -1, 1])
+            # [kh, kw, B, C_in, O] -> [kh, kw, C_in, O]
+            f = tf.reshape(factors, [1, 1, -1, 1, 1])
             total = tf.reduce_sum(
-                tf.math.multiply_no_nan(self._per_example, f), axis=3
+                tf.math.multiply_no_nan(self._per_example, f), axis=2
             )
-            total = tf.transpose(total, [1, 2, 0, 3])
             if self._ws is None:
                 return total
             with tf.GradientTape() as tape:
@@ -528,6 +543,7 @@ class _ConvTap(_LinearTap):
             padding=layer.padding.upper(),
             dilations=tuple(layer.dilation_rate),
         )
+        x = _after(self._x, g_lin)
         in_positions = views * ghost_norms.padded_positions(
             height, width, out_size=(out_h, out_w), **conv
         )
@@ -537,13 +553,13 @@ class _ConvTap(_LinearTap):
                 ghost_norms.conv_costs(n, p, d, in_positions, c_in, kh * kw)
             )
         if form != "per_example":
-            return self._gram_sq_norms(form, g_lin, batch, conv)
-        # [C_in, kh, kw, B, O]: example i's gradient is [:, :, :, i, :].
+            return self._gram_sq_norms(form, x, g_lin, batch, conv)
+        # [kh, kw, B, C_in, O]: example i's gradient is [:, :, i].
         v = tf.cast(
-            pfor_conv.grouped_filter_gradient(
-                tf.reshape(self._x, [batch, views, *self._x.shape[1:]]),
+            pfor_conv.per_example_filter_gradient(
+                tf.reshape(x, [batch, views, *x.shape[1:]]),
                 tf.reshape(g_lin, [batch, views, *g_lin.shape[1:]]),
-                layer.groups,
+                groups=layer.groups,
                 **conv,
             ),
             tf.float32,
@@ -551,22 +567,22 @@ class _ConvTap(_LinearTap):
         # Kept for the clipped sum: no second weight gradient (book-keeping)
         # where the per-example gradients exist anyway.
         self._per_example = v
-        kernel_axes = [0, 1, 2]
+        kernel_axes = [0, 1, 3]
+        sq = tf.reduce_sum(tf.square(v), kernel_axes)  # [B, O]
         if self._ws is None:
-            return tf.reduce_sum(tf.square(v), kernel_axes + [4])
+            return tf.reduce_sum(sq, -1)
         unit, inv_std, _, _ = self._ws
-        unit = tf.transpose(unit, [2, 0, 1, 3])[:, :, :, None, :]
         return self._ws_sq_norms(
-            tf.reduce_sum(tf.square(v * inv_std), kernel_axes + [4]),
+            tf.reduce_sum(sq * tf.square(inv_std), -1),
             tf.reduce_sum(v, kernel_axes),
-            tf.reduce_sum(v * unit, kernel_axes),
+            tf.reduce_sum(v * unit[:, :, None], kernel_axes),
         )
 
-    def _gram_sq_norms(self, form, g_lin, batch, conv):
+    def _gram_sq_norms(self, form, x, g_lin, batch, conv):
         """The Gram forms: the patches' Gram from the patches ("gram") or
         from the input's pixels ("input_gram")."""
         out_size = tuple(g_lin.shape[1:3])
-        x = tf.cast(self._x, tf.float32)
+        x = tf.cast(x, tf.float32)
         if form == "gram":
             a = _rows(ghost_norms.patches(x, out_size=out_size, **conv), batch)
             a_gram = ghost_norms.gram(a)

@@ -100,7 +100,7 @@ def pad(x, kernel_size, strides, padding, dilations, out_size):
     return tf.pad(x, [[0, 0], *pads] + [[0, 0]] * (len(x.shape) - 3))
 
 
-def _offsets(kernel_size, strides, dilations, out_size):
+def offsets(kernel_size, strides, dilations, out_size):
     """For each kernel offset (row-major), the slices of the padded input's
     rows and columns that it meets: `[(rows, cols), ...]`."""
     (out_h, out_w), (sh, sw), (dh, dw) = out_size, strides, dilations
@@ -119,7 +119,7 @@ def windows(x, kernel_size, strides, padding, dilations, out_size):
     x = pad(x, kernel_size, strides, padding, dilations, out_size)
     return [
         x[:, rows, cols, :]
-        for rows, cols in _offsets(kernel_size, strides, dilations, out_size)
+        for rows, cols in offsets(kernel_size, strides, dilations, out_size)
     ]
 
 
@@ -163,7 +163,7 @@ def input_gram(x, batch, kernel_size, strides, padding, dilations, out_size):
         [batch, views, hp, wp, views, hp, wp],
     )
     total = 0.0
-    for r, c in _offsets(kernel_size, strides, dilations, out_size):
+    for r, c in offsets(kernel_size, strides, dilations, out_size):
         total += pixel_gram[:, :, r, c, :, r, c]
     out_h, out_w = out_size
     n = views * out_h * out_w

@@ -43,11 +43,13 @@ def add_gaussian_noise(grads, stddev, seed):
     Returns:
         The noisy gradients, in float32, one per input.
     """
-    seeds = tf.random.experimental.stateless_split(seed, num=len(grads))
+    # One draw for all entries, split: one random-number kernel for XLA to
+    # compile instead of one per variable.
+    sizes = [g.shape.num_elements() for g in grads]
+    draw = tf.random.stateless_normal(
+        [sum(sizes)], seed=seed, stddev=stddev, dtype=tf.float32
+    )
     return [
-        tf.cast(g, tf.float32)
-        + tf.random.stateless_normal(
-            tf.shape(g), seed=seeds[i], stddev=stddev, dtype=tf.float32
-        )
-        for i, g in enumerate(grads)
+        tf.cast(g, tf.float32) + tf.reshape(z, g.shape)
+        for g, z in zip(grads, tf.split(draw, sizes))
     ]

@@ -6,10 +6,9 @@ while_loop. Fix that!" in `parallel_for/pfor.py`; tensorflow issue 34496).
 On a GroupNorm WRN-16-4 that loop is about 97% of the DP step's time.
 
 `install()` registers a vectorized converter for that op: the filter
-gradients of all examples are one grouped convolution (one group per
-example), about as fast as the non-private filter gradient of the batch.
-Grouped convolutions get one such convolution per group. Cases it does
-not cover (NCHW, explicit padding, unknown shapes) keep
+gradients of all examples are kh*kw batched matmuls, one per kernel offset
+(`per_example_filter_gradient`, also the fast engine's per-example form).
+Cases it does not cover (NCHW, explicit padding, unknown shapes) keep
 TensorFlow's own converter.
 """
 
@@ -24,15 +23,19 @@ _original = pfor._pfor_converter_registry.get(_OP)
 
 
 def per_example_filter_gradient(
-    inputs, out_grads, kernel_size, strides, padding, dilations
+    inputs, out_grads, kernel_size, strides, padding, dilations, groups=1
 ):
     """Per-example gradients of a 2D convolution's filter (NHWC).
 
-    The filter gradient `dW[i, j, c, o] = sum_{h, w} x[h*s + i*d, w*s + j*d,
-    c] * g[h, w, o]` is itself a convolution: of the padded input (its
-    channels as the batch) with the output gradient as the filter, with the
-    roles of stride and dilation swapped. One grouped convolution, one group
-    per example, computes all examples at once.
+    The filter gradient at kernel offset k, `dW[k, c, o] = sum_s x[s*stride +
+    k*dilation, c] g[s, o]`, is a matmul of the input window that offset k
+    sees with the output gradient; one matmul per offset, batched over the
+    examples (and the groups of a grouped convolution), gives all examples'
+    gradients at that offset.
+
+    The offsets run in a loop (`tf.map_fn`), so that one window exists at a
+    time: unrolled, XLA slices all kh*kw windows (each as large as the
+    output gradient) before the first matmul and holds them together.
 
     Args:
         inputs: `[N, b, H, W, C_in]`: the convolution's inputs, per example.
@@ -41,15 +44,16 @@ def per_example_filter_gradient(
         strides: `(sh, sw)`.
         padding: "SAME" or "VALID".
         dilations: `(dh, dw)`.
+        groups: the convolution's groups: group j maps input channels
+            `[j*c, (j+1)*c)` to output channels `[j*o, (j+1)*o)`.
 
     Returns:
-        `[C_in, kh, kw, N, C_out]`: example n's filter gradient (summed over
-        its `b` rows) is `[:, :, :, n, :]`, in the layout the convolution
-        produces (no transpose of this large tensor).
+        `[kh, kw, N, C_in / groups, C_out]`: example n's filter gradient
+        (summed over its `b` rows) is `[:, :, n]`.
     """
-    _, b, height, width, c_in = inputs.shape
+    n, b, height, width, c_in = inputs.shape
     _, _, out_h, out_w, c_out = out_grads.shape
-    # [N, b, H, W, C] -> [C, H, W, N*b]: the input channels become the batch.
+    c, o = c_in // groups, c_out // groups
     x = ghost_norms.pad(
         tf.reshape(inputs, [-1, height, width, c_in]),
         kernel_size,
@@ -58,42 +62,29 @@ def per_example_filter_gradient(
         dilations,
         (out_h, out_w),
     )
-    x = tf.transpose(x, [3, 1, 2, 0])
-    # [N, b, H', W', O] -> [H', W', 1, N*b*O]: one group per row.
-    g = tf.transpose(
-        tf.reshape(out_grads, [-1, out_h, out_w, c_out]), [1, 2, 0, 3]
-    )
-    g = tf.reshape(g, [out_h, out_w, 1, -1])
-    grads = tf.nn.conv2d(
-        x,
-        g,
-        strides=list(dilations),
-        dilations=list(strides),
-        padding="VALID",
-    )[:, : kernel_size[0], : kernel_size[1], :]
-    grads = tf.reshape(grads, [c_in, *kernel_size, -1, b, c_out])
-    return tf.reduce_sum(grads, axis=4)
-
-
-def grouped_filter_gradient(inputs, out_grads, groups, **conv):
-    """`per_example_filter_gradient` of a grouped convolution (NFNets).
-
-    Group g maps input channels `[g*c, (g+1)*c)` to output channels
-    `[g*o, (g+1)*o)`; one grouped convolution per group.
-    """
-    c = inputs.shape[-1] // groups
-    o = out_grads.shape[-1] // groups
-    return tf.concat(
+    g = tf.reshape(out_grads, [n, -1, groups, o])
+    (sh, sw), (dh, dw) = strides, dilations
+    extent = [n * b, (out_h - 1) * sh + 1, (out_w - 1) * sw + 1, c_in]
+    starts = tf.constant(
         [
-            per_example_filter_gradient(
-                inputs[..., g * c : (g + 1) * c],
-                out_grads[..., g * o : (g + 1) * o],
-                **conv,
-            )
-            for g in range(groups)
+            [0, i * dh, j * dw, 0]
+            for i in range(kernel_size[0])
+            for j in range(kernel_size[1])
         ],
-        axis=-1,
+        tf.int32,
     )
+
+    def offset_gradient(k):
+        window = tf.slice(x, starts[k], extent)[:, ::sh, ::sw, :]
+        window = tf.reshape(window, [n, -1, groups, c])
+        return tf.einsum("bngc,bngo->bcgo", window, g)
+
+    grads = tf.map_fn(
+        offset_gradient,
+        tf.range(kernel_size[0] * kernel_size[1]),
+        fn_output_signature=tf.TensorSpec([n, c, groups, o], x.dtype),
+    )
+    return tf.reshape(grads, [*kernel_size, n, c, c_out])
 
 
 def _convert(pfor_input):
@@ -124,8 +115,10 @@ def _convert(pfor_input):
         dilations=tuple(dilations[1:3]),
     )
     groups = inputs.shape[-1] // int(filter_sizes[2])
-    grads = grouped_filter_gradient(inputs, out_grads, groups, **conv)
-    return pfor.wrap(tf.transpose(grads, [3, 1, 2, 0, 4]), True)
+    grads = per_example_filter_gradient(
+        inputs, out_grads, groups=groups, **conv
+    )
+    return pfor.wrap(tf.transpose(grads, [2, 0, 1, 3, 4]), True)
 
 
 def install():

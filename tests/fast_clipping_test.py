@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_dpscale as kd
+from keras_dpscale import fast_clipping
 from keras_dpscale import ghost_norms
 from tests.conftest import LOSS
 from tests.conftest import inputs_for
@@ -143,6 +144,19 @@ def test_non_finite_example_contributes_nothing():
     without = clipped_sum(model, x[[0, 1, 3]], y[[0, 1, 3]], 0.1, "fast")
     assert all(np.all(np.isfinite(g)) for g in with_bad)
     assert_sums_close(with_bad, without)
+
+
+def test_waiting_for_g_leaves_values_and_other_rows_alone():
+    # `_after` only orders work (XLA computes x's transposes and Grams once
+    # the output gradient exists); it must not change any finite value, and a
+    # non-finite row of g may only touch its own row.
+    x = tf.random.normal([4, 3, 3, 2])
+    g = tf.random.normal([4, 2, 2, 5]).numpy()
+    np.testing.assert_array_equal(fast_clipping._after(x, g), x)
+    g[1, 0, 0, 0] = np.inf
+    out = fast_clipping._after(x, tf.constant(g)).numpy()
+    assert np.all(np.isnan(out[1]))
+    np.testing.assert_array_equal(np.delete(out, 1, 0), np.delete(x, 1, 0))
 
 
 def test_mixed_bfloat16():

@@ -42,10 +42,11 @@ flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per run.")
 flags.DEFINE_integer("microbatch_size", None, "DPSGD microbatch_size.")
 flags.DEFINE_enum(
     "conv_grad",
-    "grouped",
-    ["grouped", "while_loop"],
-    "Per-example conv filter gradients: keras_dpscale.pfor_conv's grouped "
-    "convolution, or TensorFlow's own pfor converter (a while_loop).",
+    "per_offset",
+    ["per_offset", "while_loop"],
+    "The vectorized engine's per-example conv filter gradients: "
+    "keras_dpscale.pfor_conv's batched matmul per kernel offset, or "
+    "TensorFlow's own pfor converter (a while_loop over examples).",
 )
 flags.DEFINE_integer(
     "augmult",
