@@ -62,9 +62,12 @@ def per_example_filter_gradient(
         dilations,
         (out_h, out_w),
     )
-    g = tf.reshape(out_grads, [n, -1, groups, o])
+    rows = b * out_h * out_w  # per example
+    batch = -1 if n is None else n  # unknown in a partial last batch
+    g = tf.reshape(out_grads, [batch, rows, groups, o])
     (sh, sw), (dh, dw) = strides, dilations
-    extent = [n * b, (out_h - 1) * sh + 1, (out_w - 1) * sw + 1, c_in]
+    extent = [x.shape[0] or -1, (out_h - 1) * sh + 1, (out_w - 1) * sw + 1]
+    extent += [c_in]
     starts = tf.constant(
         [
             [0, i * dh, j * dw, 0]
@@ -76,7 +79,7 @@ def per_example_filter_gradient(
 
     def offset_gradient(k):
         window = tf.slice(x, starts[k], extent)[:, ::sh, ::sw, :]
-        window = tf.reshape(window, [n, -1, groups, c])
+        window = tf.reshape(window, [batch, rows, groups, c])
         return tf.einsum("bngc,bngo->bcgo", window, g)
 
     grads = tf.map_fn(
@@ -84,7 +87,7 @@ def per_example_filter_gradient(
         tf.range(kernel_size[0] * kernel_size[1]),
         fn_output_signature=tf.TensorSpec([n, c, groups, o], x.dtype),
     )
-    return tf.reshape(grads, [*kernel_size, n, c, c_out])
+    return tf.reshape(grads, [*kernel_size, batch, c, c_out])
 
 
 def _convert(pfor_input):
