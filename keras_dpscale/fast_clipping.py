@@ -293,9 +293,14 @@ def _scale(t, factors):
     return tf.math.multiply_no_nan(t, f)
 
 
-def _weighted_sum(per_example, factors):
-    """`sum_i factors[i] * per_example[i]` (float32)."""
-    return tf.reduce_sum(_scale(tf.cast(per_example, tf.float32), factors), 0)
+def _weighted_sum(per_example, factors, axis=0):
+    """`sum_i factors[i] * per_example[i]` over the examples' `axis`
+    (float32); exactly 0 where a factor is 0."""
+    t = tf.cast(per_example, tf.float32)
+    shape = [1] * t.shape.rank
+    shape[axis] = -1
+    f = tf.reshape(tf.cast(factors, t.dtype), shape)
+    return tf.reduce_sum(tf.math.multiply_no_nan(t, f), axis)
 
 
 def _after(x, g):
@@ -479,10 +484,7 @@ class _LinearTap:
         kernel = self.layer.kernel
         if getattr(self, "_per_example", None) is not None:
             # [kh, kw, B, C_in, O] -> [kh, kw, C_in, O]
-            f = tf.reshape(factors, [1, 1, -1, 1, 1])
-            total = tf.reduce_sum(
-                tf.math.multiply_no_nan(self._per_example, f), axis=2
-            )
+            total = _weighted_sum(self._per_example, factors, axis=2)
             if self._ws is None:
                 return total
             with tf.GradientTape() as tape:
