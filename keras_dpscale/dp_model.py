@@ -237,7 +237,7 @@ class DPTrainer:
             ):
                 try:
                     return fast_clipping.clipped_gradient_sum(
-                        self, batch_loss_fn, *args
+                        self, batch_loss_fn, *args, num_seeds=1
                     )
                 except fast_clipping.Unsupported as e:
                     if optimizer.clipping == "fast":

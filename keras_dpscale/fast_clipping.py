@@ -6,7 +6,8 @@ K rows with augmult):
 1. One batched forward pass records, for each layer that owns trainable
    variables, its input and its output before the activation, `o` (a tap).
 2. One backward pass of `L = sum_i loss_i` gives `G = dL/do` for all taps at
-   once. Examples do not mix, so example i's rows of G are its own gradient.
+   once. Examples do not mix (proved on the traced pass, below), so example
+   i's rows of G are its own gradient.
 3. Each tap computes its variables' per-example squared gradient norms from
    its input and G (`ghost_norms`: the per-example form, the Gram form, or
    for convolutions the Gram form from the input's pixel Gram, whichever
@@ -25,12 +26,19 @@ other type that owns trainable variables falls back to the vectorized
 path for its own variables only: per-example gradients of that layer's
 call, from its recorded inputs and G, by `tf.vectorized_map`.
 
-Fails closed: a model that the taps cannot describe exactly raises
-`Unsupported` at trace time, and `DPSGD(clipping="auto")` then uses the
-vectorized engine: a layer that is not known to keep examples apart (a
-custom layer without `mixes_examples = False`, a `Lambda`), a layer called
-twice, a variable read outside its owner's call (tied weights), losses
-added in the forward pass, or a random layer that would need the fallback.
+Separability is proved, not trusted: every operation that the forward pass
+and the loss add to the traced graph (layers, `keras.ops` calls between
+them, the loss, random layers) is checked by `separability` to keep the
+examples of the batch apart, and every tapped layer must hold its examples'
+rows in order along axis 0. This runs once per trace.
+
+Fails closed: a model that is not proved separable, or that the taps cannot
+describe exactly, raises `Unsupported` at trace time, naming the operation
+or layer, and `DPSGD(clipping="auto")` then uses the vectorized engine
+(which computes each example alone): an operation that mixes examples or
+that the check does not know, a layer called twice, a variable read outside
+its owner's call (tied weights), losses added in the forward pass, or a
+random layer that would need the fallback.
 """
 
 import contextlib
@@ -43,6 +51,7 @@ from keras import ops
 from keras_dpscale import clipping
 from keras_dpscale import ghost_norms
 from keras_dpscale import pfor_conv
+from keras_dpscale import separability
 from keras_dpscale.layers import skip_init
 from keras_dpscale.layers import ws_conv
 
@@ -61,6 +70,7 @@ def clipped_gradient_sum(
     l2_norm_clip,
     microbatch_size=None,
     mask=None,
+    num_seeds=0,
 ):
     """Sum over the batch of per-example gradients clipped to norm <= C.
 
@@ -73,17 +83,20 @@ def clipped_gradient_sum(
             and the per-example losses `[B]`.
         variables: the variables to differentiate, all owned by `model`'s
             layers.
-        inputs: a nest of batched tensors.
+        inputs: a tuple of nests of batched tensors.
         l2_norm_clip: the clipping norm C.
         microbatch_size: optional chunk size (must divide the batch size).
         mask: optional `[B]` 0/1 weights: rows with 0 contribute nothing.
+        num_seeds: the last `num_seeds` elements of `inputs` are random
+            seeds, not data.
 
     Returns:
         `(grad_sum, losses, aux)` as `clipping.clipped_gradient_sum`.
 
     Raises:
         Unsupported: at trace time, if the model is outside what the taps
-            describe exactly.
+            describe exactly, or if the traced computation is not proved to
+            keep the examples apart (`separability`).
     """
 
     def chunk_sum(chunk):
@@ -96,9 +109,18 @@ def clipped_gradient_sum(
             )
         with _recording(model) as recorder:
             with tf.GradientTape() as tape:
-                losses, aux = loss_fn(examples)
+                with separability.Region() as region:
+                    losses, aux = loss_fn(examples)
                 total = tf.reduce_sum(tf.cast(losses, tf.float32))
         recorder.check_reads(tape.watched_variables())
+        if region.ops is None:  # eager: prove it on a trace of the pass
+            _prove_separable_by_tracing(
+                model, loss_fn, examples, num_seeds, batch
+            )
+        else:
+            _prove_separable(
+                region, recorder, examples, num_seeds, losses, batch
+            )
         taps = recorder.taps
         if recorder.fallbacks:
             _log.info(
@@ -131,6 +153,60 @@ def clipped_gradient_sum(
     )
 
 
+def _prove_separable(region, recorder, examples, num_seeds, losses, batch):
+    """Raises `Unsupported` unless the recorded forward pass keeps the
+    examples apart: each example's loss, and each tapped layer's rows, must
+    come from that example's data alone (`separability`)."""
+    if batch < 2:
+        return  # one example: nothing to mix
+    split = len(examples) - num_seeds
+    inputs = [
+        (t, separability.Rows(0)) for t in tf.nest.flatten(examples[:split])
+    ] + [(t, separability.CONST) for t in tf.nest.flatten(examples[split:])]
+    try:
+        layout = region.check(inputs, batch)
+        if layout(losses) not in (separability.CONST, separability.Rows(0)):
+            raise separability.NotSeparable(
+                "the per-example losses do not hold one entry per example, "
+                f"in order (layout {layout(losses)})"
+            )
+        for name, batched, outputs in recorder.row_tensors:
+            _check_tap_rows(layout, name, batched, outputs)
+    except separability.NotSeparable as e:
+        raise Unsupported(f"it cannot prove that examples stay apart: {e}")
+
+
+def _check_tap_rows(layout, name, inputs, outputs):
+    """A tapped layer must see and give the batch along axis 0, with its
+    examples' rows in order (the taps reshape `[B*K, ...]` to `[B, ...]`)."""
+    rows = outputs[0].shape[0] if outputs else None
+    checked = [(t, False) for t in outputs] + [(t, True) for t in inputs]
+    for t, data_free_allowed in checked:
+        lay = layout(t)
+        if lay is separability.CONST and data_free_allowed:
+            continue
+        if lay is separability.CONST or lay.axis != 0 or t.shape[0] != rows:
+            raise separability.NotSeparable(
+                f"layer '{name}' does not hold its examples' rows along "
+                f"axis 0 of its inputs and outputs (a tensor of shape "
+                f"{t.shape} has layout {lay})"
+            )
+
+
+def _prove_separable_by_tracing(model, loss_fn, examples, num_seeds, batch):
+    """`_prove_separable` when executing eagerly: on a trace of the pass."""
+
+    @tf.function(autograph=False)
+    def forward(examples):
+        with _recording(model) as recorder:
+            with separability.Region() as region:
+                losses, _ = loss_fn(examples)
+        _prove_separable(region, recorder, examples, num_seeds, losses, batch)
+        return losses
+
+    forward.get_concrete_function(examples)
+
+
 def _key(variable):
     """The identity of a variable as a GradientTape sees it (a Keras
     variable's TensorFlow variable; `.value` would be a cast under mixed
@@ -153,16 +229,12 @@ class _Recorder:
         self._trainable = {_key(v) for v in trainable}
         self.taps = []
         self.fallbacks = []
+        # (layer name, input tensors, output tensors) of each tapped layer.
+        self.row_tensors = []
         self._called = set()
         self._frames = [set()]  # variables read inside each open call
 
     def call(self, layer, original, args, kwargs):
-        if not _keeps_examples_apart(layer):
-            raise Unsupported(
-                f"layer '{layer.name}' ({type(layer).__name__}) is not known "
-                "to compute each example's output from that example alone "
-                "(declare `mixes_examples = False` on its class if it does)"
-            )
         own = _own_trainable(layer)
         self._frames.append(set())
         with tf.GradientTape() as reads:
@@ -181,6 +253,9 @@ class _Recorder:
                         f"{layer.name} ({type(layer).__name__})"
                     )
                 self.taps.append(tap)
+                self.row_tensors.append(
+                    (layer.name, _tensors((args, kwargs)), _tensors(outputs))
+                )
             else:
                 outputs = original(*args, **kwargs)
         read = {id(v) for v in reads.watched_variables()} & self._trainable
@@ -203,23 +278,13 @@ class _Recorder:
             )
 
 
-def _keeps_examples_apart(layer):
-    """True for layers known not to mix examples of a batch.
-
-    The vectorized engine runs the model on one example at a time, so no
-    layer can mix examples there; the fast engine runs the whole batch, so it
-    only accepts Keras' own layers and models (BatchNormalization is refused
-    by `DPModel.compile`), this package's layers, and layers that declare
-    `mixes_examples = False`.
-    """
-    declared = getattr(layer, "mixes_examples", None)
-    if declared is not None:
-        return not declared
-    if isinstance(layer, keras.layers.Lambda):
-        return False
-    return type(layer).__module__.startswith(
-        ("keras.src.layers.", "keras.src.models.", "keras_dpscale.")
-    )
+def _tensors(nest):
+    """The tensors of rank >= 1 in `nest`."""
+    return [
+        t
+        for t in tf.nest.flatten(nest)
+        if tf.is_tensor(t) and t.shape.rank is not None and t.shape.rank > 0
+    ]
 
 
 @contextlib.contextmanager

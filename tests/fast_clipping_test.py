@@ -291,7 +291,7 @@ def activity_regularized_model():
         (shared_model, "called more than once"),
         (tied_model, "does not own"),
         (activity_regularized_model, "adds losses"),
-        (undeclared_layer_model, "not known"),
+        (undeclared_layer_model, "reduces over the batch axis"),
     ],
 )
 def test_models_outside_the_fast_engine_fail_closed(build, reason, caplog):
