@@ -1,18 +1,22 @@
 """Privacy accounting with dp-accounting: epsilon, sigma from a budget, steps.
 
-A DP-SGD run is described by the `DpEvent` of its steps. With Poisson
-sampling (each example joins each step's batch independently with
-probability q = B/N) the event of one step is a Poisson-subsampled Gaussian
-mechanism, and T steps compose it T times: exactly what
-`SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), T)`
-says. PLD (the default) and RDP accountants evaluate it.
+A DP-SGD run is described by the `DpEvent` of its steps, which depends on
+how the batches were drawn (`keras_dpscale.sampling`):
 
-Shuffled fixed-size batches (`sampling="shuffle"`, the usual `tf.data`
-pipeline) are not Poisson sampling. Like TF Privacy and jax_privacy, the
-library then reports the Poisson analysis as an assumption, says so once in
-a warning, and offers the bound that assumes no amplification at all
-(`amplification=False`): each example is in at most one batch per epoch, so
-T steps are at most ceil(T / floor(N/B)) releases of a Gaussian mechanism.
+- "poisson" (each example joins each step independently with probability
+  q = B/N, from a secret sample): T steps are
+  `SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), T)`;
+- "shuffle" (each pass over the data holds each example at most once): an
+  example is in at most ceil(T / floor(N/B)) of the T steps, and nothing
+  is assumed about which: that many releases of a Gaussian mechanism;
+- "unknown" and "public" (a pipeline the library cannot see into, or a
+  Poisson sample whose seed is known): every example may be in every step:
+  T releases of a Gaussian mechanism.
+
+Each kind holds under the add/remove relation in which a removed example's
+rows become padding (zero gradient), assuming only that which rows form a
+batch does not depend on the examples' values. PLD (the default) and RDP
+accountants evaluate the events.
 """
 
 import dataclasses
@@ -22,23 +26,12 @@ import warnings
 
 import dp_accounting
 
+from keras_dpscale import sampling as sampling_lib
+
 ACCOUNTANTS = ("pld", "rdp")
-SAMPLING = ("poisson", "shuffle")
+SAMPLING = sampling_lib.KINDS
 MAX_NOISE_MULTIPLIER = 1e3
 MIN_NOISE_MULTIPLIER = 0.1
-
-_SHUFFLE_WARNING = (
-    "The data come in shuffled fixed-size batches, not from Poisson "
-    "sampling; the reported epsilon uses the Poisson-sampling analysis, an "
-    "assumption (as in TF Privacy and jax_privacy). For an exact guarantee, "
-    "feed Poisson-sampled batches and pass sampling='poisson'; for a bound "
-    "that assumes nothing about the sampling, use amplification=False."
-)
-
-
-@functools.cache
-def _warn_shuffle_once():
-    warnings.warn(_SHUFFLE_WARNING, stacklevel=3)
 
 
 def check_arguments(batch_size, num_examples, delta=None):
@@ -65,13 +58,16 @@ def check_arguments(batch_size, num_examples, delta=None):
             )
 
 
+def releases(batch_size, num_examples, steps, sampling="poisson"):
+    """How many of `steps` steps one example may be in, without
+    amplification: one per pass for "shuffle", all of them otherwise."""
+    if sampling == "shuffle":
+        return math.ceil(steps / max(1, num_examples // batch_size))
+    return int(steps)
+
+
 def dp_sgd_event(
-    noise_multiplier,
-    batch_size,
-    num_examples,
-    steps,
-    sampling="poisson",
-    amplification=True,
+    noise_multiplier, batch_size, num_examples, steps, sampling="poisson"
 ):
     """The `DpEvent` of `steps` DP-SGD steps.
 
@@ -80,9 +76,7 @@ def dp_sgd_event(
         batch_size: the (expected) logical batch size B.
         num_examples: the dataset size N.
         steps: the number of logical steps T.
-        sampling: "poisson" or "shuffle" (see the module docstring).
-        amplification: for "shuffle": False gives the bound that assumes no
-            amplification by sampling.
+        sampling: one of `SAMPLING` (see the module docstring).
 
     Returns:
         A `dp_accounting.DpEvent`.
@@ -90,12 +84,10 @@ def dp_sgd_event(
     if sampling not in SAMPLING:
         raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling}.")
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
-    if sampling == "shuffle" and not amplification:
-        steps_per_epoch = num_examples // batch_size
-        releases = math.ceil(steps / steps_per_epoch)
-        return dp_accounting.SelfComposedDpEvent(gaussian, releases)
-    if sampling == "shuffle":
-        _warn_shuffle_once()
+    if sampling != "poisson":
+        return dp_accounting.SelfComposedDpEvent(
+            gaussian, releases(batch_size, num_examples, steps, sampling)
+        )
     q = batch_size / num_examples
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, gaussian), int(steps)
@@ -126,7 +118,6 @@ def compute_epsilon(
     delta,
     accountant="pld",
     sampling="poisson",
-    amplification=True,
 ):
     """Epsilon of `steps` DP-SGD steps at `delta` (see `dp_sgd_event`)."""
     check_arguments(batch_size, num_examples, delta)
@@ -135,12 +126,7 @@ def compute_epsilon(
     if noise_multiplier == 0:
         return math.inf
     event = dp_sgd_event(
-        noise_multiplier,
-        batch_size,
-        num_examples,
-        steps,
-        sampling,
-        amplification,
+        noise_multiplier, batch_size, num_examples, steps, sampling
     )
     return epsilon_of_event(event, delta, accountant)
 
@@ -246,28 +232,48 @@ def calibrate_steps(
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """Consecutive logical steps with the same settings, as a ledger holds."""
+    """Consecutive logical steps with the same settings, as a ledger holds.
+
+    Attributes:
+        noise_multiplier: sigma.
+        batch_size: B, the public divisor (the expected size for Poisson).
+        sampling: one of `SAMPLING`: how the batches were drawn.
+        steps: the number of logical steps.
+        max_batch_size: rows per logical batch in the pipeline (>= B for
+            Poisson batches padded to a fixed size); None: B.
+        num_examples: N; None: given when the ledger is evaluated.
+        overflow_probability: per step, the probability that a padded
+            Poisson batch was truncated (`truncation_delta`).
+        declared: the sampling is the user's claim (`sampling.declare`).
+    """
 
     noise_multiplier: float
     batch_size: int
     sampling: str
     steps: int
-    # Rows per logical batch in the pipeline (>= batch_size for Poisson
-    # batches padded to a fixed size); None: equal to batch_size.
     max_batch_size: int = None
+    num_examples: int = None
+    overflow_probability: float = 0.0
+    declared: bool = False
 
 
-def ledger_event(segments, num_examples, amplification=True):
-    """The composed `DpEvent` of a ledger's segments (heterogeneous steps)."""
+def _num_examples(segment, num_examples):
+    n = segment.num_examples or num_examples
+    check_arguments(segment.batch_size, n)
+    return n
+
+
+def ledger_event(segments, num_examples=None):
+    """The composed `DpEvent` of a ledger's segments (heterogeneous steps);
+    `num_examples` is N where a segment does not record it."""
     return dp_accounting.ComposedDpEvent(
         [
             dp_sgd_event(
                 s.noise_multiplier,
                 s.batch_size,
-                num_examples,
+                _num_examples(s, num_examples),
                 s.steps,
                 s.sampling,
-                amplification,
             )
             for s in segments
             if s.steps > 0
@@ -275,18 +281,16 @@ def ledger_event(segments, num_examples, amplification=True):
     )
 
 
-def ledger_epsilon(
-    segments, num_examples, delta, accountant="pld", amplification=True
-):
+def ledger_epsilon(segments, num_examples, delta, accountant="pld"):
     """Epsilon at `delta` of all the steps a ledger records."""
-    for s in segments:
-        check_arguments(s.batch_size, num_examples)
     segments = [s for s in segments if s.steps > 0]
+    for s in segments:
+        _num_examples(s, num_examples)
     if not segments:
         return 0.0
     if any(s.noise_multiplier == 0 for s in segments):
         return math.inf
-    event = ledger_event(segments, num_examples, amplification)
+    event = ledger_event(segments, num_examples)
     return epsilon_of_event(event, delta, accountant)
 
 
@@ -363,14 +367,15 @@ def poisson_overflow_probability(num_examples, batch_size, max_batch_size):
 
 
 def poisson_max_batch_size(num_examples, batch_size, overflow_probability):
-    """The smallest m with `poisson_overflow_probability(...) <= p`."""
-    m = batch_size
+    """The smallest m with `poisson_overflow_probability(...) <= p`; the
+    expected `batch_size` may be fractional (a shard of the data)."""
+    m = max(1, math.ceil(batch_size))
     while (
         poisson_overflow_probability(num_examples, batch_size, m)
         > overflow_probability
     ):
         m += max(1, int(0.01 * batch_size))
-    while m > batch_size and (
+    while m > 1 and (
         poisson_overflow_probability(num_examples, batch_size, m - 1)
         <= overflow_probability
     ):
@@ -378,8 +383,8 @@ def poisson_max_batch_size(num_examples, batch_size, overflow_probability):
     return m
 
 
-def truncation_delta(segments, num_examples, epsilon):
-    """The delta that truncating Poisson batches to m rows adds.
+def truncation_delta(segments, epsilon):
+    """The delta that truncating Poisson batches to a padded size adds.
 
     The truncated pipeline differs from true Poisson sampling only when a
     batch overflows, so over the run their output distributions are within
@@ -388,13 +393,98 @@ def truncation_delta(segments, num_examples, epsilon):
     eta)-DP.
     """
     eta = sum(
-        s.steps
-        * poisson_overflow_probability(
-            num_examples, s.batch_size, s.max_batch_size or s.batch_size
-        )
+        s.steps * s.overflow_probability
         for s in segments
         if s.sampling == "poisson"
     )
     if eta == 0:
         return 0.0
     return (1 + math.exp(min(epsilon, 700))) * eta
+
+
+_ASSUMPTIONS = {
+    "poisson": "Poisson sampling from a secret sample",
+    "shuffle": (
+        "each pass over the data holds each example at most once (shuffled "
+        "batches; no amplification by sampling is assumed)"
+    ),
+    "unknown": (
+        "a pipeline that keras_dpscale cannot see into: every example is "
+        "counted in every step (no amplification by sampling)"
+    ),
+    "public": (
+        "Poisson sampling from a public seed: every example is counted in "
+        "every step (no amplification by sampling)"
+    ),
+}
+
+
+def privacy_statement(
+    segments,
+    delta,
+    accountant="pld",
+    num_examples=None,
+    l2_norm_clip=None,
+    non_private_steps=0,
+    not_covered=(),
+):
+    """A plain account of the guarantee of a ledger, naming what it assumes
+    and what it does not cover.
+
+    Args:
+        segments: the ledger's `Segment`s.
+        delta: the delta of the guarantee.
+        accountant: "pld" or "rdp".
+        num_examples: N where a segment does not record it.
+        l2_norm_clip: C, for the text.
+        non_private_steps: steps that trained the weights before, without
+            DP (not covered).
+        not_covered: descriptions of state set from data outside DP
+            training (adapted normalization statistics, ...).
+
+    Returns:
+        The statement, a few sentences.
+    """
+    segments = [s for s in segments if s.steps > 0]
+    steps = sum(s.steps for s in segments)
+    if segments:
+        epsilon = ledger_epsilon(segments, num_examples, delta, accountant)
+        sigmas = sorted({s.noise_multiplier for s in segments})
+        kinds = []
+        for s in segments:
+            text = _ASSUMPTIONS[s.sampling]
+            if s.declared:
+                text += " (the user's claim)"
+            if text not in kinds:
+                kinds.append(text)
+        text = (
+            f"epsilon={epsilon:.4g} at delta={delta:g} for the {steps} DP "
+            f"steps recorded (noise_multiplier "
+            f"{', '.join(f'{v:g}' for v in sigmas)}"
+            + (f", l2_norm_clip {l2_norm_clip:g}" if l2_norm_clip else "")
+            + f", N={segments[0].num_examples or num_examples}, "
+            f"{accountant.upper()} accountant; {'; '.join(kinds)}"
+        )
+        extra = truncation_delta(segments, epsilon)
+        if extra:
+            text += (
+                f"; padded Poisson batches, whose rare truncation adds "
+                f"{extra:.3g} to delta"
+            )
+        text += ")."
+    else:
+        text = f"No DP step is recorded: epsilon=0 at delta={delta:g}."
+    text += (
+        " It covers the weights only if they were independent of the "
+        "private data before the first recorded DP step (random "
+        "initialization or public pre-training: the user's claim)."
+    )
+    if non_private_steps:
+        text += (
+            f" WARNING: before that, the weights took {non_private_steps} "
+            "steps of a non-DP optimizer, which this guarantee does not "
+            "cover."
+        )
+    for item in not_covered:
+        text += f" Not covered: {item}."
+    return text

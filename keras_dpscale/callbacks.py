@@ -63,14 +63,19 @@ class PrivacyBudget(keras.callbacks.Callback):
     def _update_limit(self):
         """The step count that training must not pass (None if unknown)."""
         optimizer = self._optimizer
-        remaining = optimizer.remaining_steps(self._budget(), self._delta())
-        self._key = optimizer.next_step()
+        remaining = self.model.remaining_steps(self._budget(), self._delta())
+        self._key = self.model.coming_steps()
         self._limit = (
             None if remaining is None else int(optimizer.iterations) + remaining
         )
 
     def on_train_begin(self, logs=None):
         self.stopped_at_budget = False
+        if not hasattr(self.model, "privacy_ledger"):
+            raise ValueError(
+                "PrivacyBudget needs a keras_dpscale DP model (DPModel, "
+                "DPSequential or make_private(model))."
+            )
         if self._budget() is None:
             return
         self._update_limit()
@@ -81,13 +86,13 @@ class PrivacyBudget(keras.callbacks.Callback):
             raise RuntimeError(
                 "The privacy budget is spent: one more step would take "
                 f"epsilon above {self._budget()} at delta={self._delta()}. "
-                f"So far: {self._optimizer.privacy_statement(self._delta())}"
+                f"So far: {self.model.privacy_statement(self._delta())}"
             )
 
     def on_train_batch_end(self, batch, logs=None):
         if self._budget() is None:
             return
-        if self._limit is None or self._key != self._optimizer.next_step():
+        if self._limit is None or self._key != self.model.coming_steps():
             self._update_limit()  # first step taken, or sigma/B changed
         iterations = int(self._optimizer.iterations)
         if iterations + self._steps_per_call() > self._limit:
@@ -96,7 +101,7 @@ class PrivacyBudget(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["epsilon"] = self._optimizer.epsilon(self._delta())
+            logs["epsilon"] = self.model.epsilon(self._delta())
 
     def on_train_end(self, logs=None):
         if self.verbose:
@@ -104,7 +109,7 @@ class PrivacyBudget(keras.callbacks.Callback):
                 print(
                     f"Stopped at the privacy budget epsilon={self._budget()}."
                 )
-            print(self._optimizer.privacy_statement(self._delta()))
+            print(self.model.privacy_statement(self._delta()))
 
 
 def reports_privacy(optimizer):

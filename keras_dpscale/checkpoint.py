@@ -1,9 +1,9 @@
 """Atomic checkpoints of DP training, and resuming it where it stopped.
 
 A checkpoint holds every variable of the model (weights, non-trainable
-variables and the layers' `SeedGenerator` states, so dropout continues its
-random stream) and of its optimizer (`iterations`, the learning rate,
-momentum and EMA averages, and the DP state: the privacy ledger, the
+variables, the privacy ledger and the layers' `SeedGenerator` states, so
+dropout continues its random stream) and of its optimizer (`iterations`,
+the learning rate, momentum and EMA averages, and the DP state: the
 micro-step, sigma and the gradient accumulators), with the training
 position: the logical step, the epoch and the physical batch within it.
 Checkpoints are taken at logical-step boundaries only, so the accumulators
@@ -43,18 +43,15 @@ uninterrupted run. In the first epoch the `Checkpoint` callback skips the
 `state.batch` physical batches that the interrupted run already trained on:
 it draws them from the dataset without training on them, so Keras' epochs,
 logs and callbacks keep their usual boundaries. The dataset must therefore
-start where epoch `state.epoch` started:
+hold the batches from where epoch `state.epoch` started:
 
-- a dataset that `fit` iterates anew each epoch (no `steps_per_epoch`):
-  the same dataset;
-- one stream over all epochs with `steps_per_epoch=S` physical batches,
-  such as `data.poisson_dataset(..., steps=T)` (the sample of logical step
-  t is a function of the seed and t only): `stream.skip(state.epoch * S)`;
-  with the README's single-epoch `fit(stream, epochs=1)`, the stream itself.
-
-Data positions repeat exactly when the dataset is deterministic (Poisson
-sampling with a fixed seed); a shuffled dataset reshuffles in the new process,
-which the privacy accounting does not depend on.
+- a Poisson stream (`data.train_dataset`, `data.poisson_dataset`): a new
+  stream of the steps left from the start of that epoch. Its sample is
+  secret and fresh, so the resumed run never replays a step that the
+  ledger already counted, and the skipped batches were never trained on;
+- a shuffled stream over all epochs with `steps_per_epoch=S` physical
+  batches: `stream.skip(state.epoch * S)`; a dataset that `fit` iterates
+  anew each epoch: the same dataset.
 """
 
 import dataclasses

@@ -9,13 +9,24 @@ A DP model replaces Keras' `train_step` by the private one:
 
 Everything else (`fit`, `evaluate`, `predict`, callbacks, saving) is Keras'.
 
+The model owns its privacy ledger (`keras_dpscale.ledger`): every DP step
+that trained its weights, whichever optimizer took it. `fit` records how
+its data were drawn (`keras_dpscale.sampling`): on arrays it draws Poisson
+batches itself (secret, fresh every pass); a dataset made by
+`keras_dpscale.data` says how it samples; any other pipeline is accounted
+for as if every example were in every step, with a warning.
+
 It fails closed: compiling with a non-DP optimizer, a `BatchNormalization`
-layer, any layer that updates state from the data during training, and
-`sample_weight` / `class_weight` raise errors that name the fix.
+or `MixUp`-like layer, any layer that updates state from the data during
+training, `sample_weight` / `class_weight`, and data sampled more weakly
+than sigma was calibrated for raise errors that name the fix.
 """
 
 import contextlib
 import logging
+import math
+import warnings
+import weakref
 
 import keras
 import tensorflow as tf
@@ -24,17 +35,30 @@ from keras.src.backend.tensorflow import trainer as tf_trainer
 from keras.src.losses import loss as loss_module
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
-from keras.src.trainers.trainer import Trainer
+from keras.src.trainers.data_adapters import array_data_adapter
 from keras.src.trainers.data_adapters import data_adapter_utils
+from keras.src.trainers.trainer import Trainer
 
+from keras_dpscale import accounting
 from keras_dpscale import callbacks as dp_callbacks
 from keras_dpscale import clipping
 from keras_dpscale import fast_clipping
+from keras_dpscale import ledger as ledger_lib
 from keras_dpscale import optimizers
+from keras_dpscale import sampling as sampling_lib
+from keras_dpscale.data import poisson
 
-# The key under which a Poisson batch carries its padding mask, in the
-# sample-weight slot of the batch: `(x, y, {MASK: mask})`.
-MASK = "dp_mask"
+# The key under which a padded batch carries its 0/1 mask.
+MASK = sampling_lib.MASK
+
+# Layers that mix the examples of a batch by design.
+_MIXING_LAYERS = tuple(
+    getattr(keras.layers, name)
+    for name in ("BatchNormalization", "MixUp", "CutMix")
+    if hasattr(keras.layers, name)
+)
+# Sampling kinds from the strongest assumption to the weakest.
+_STRENGTH = ("poisson", "shuffle", "public", "unknown")
 
 
 class DPTrainer:
@@ -52,6 +76,8 @@ class DPTrainer:
                 f"or keras_dpscale.DPAdam(...); got {optimizer!r}."
             )
         check_layers(self)
+        self._not_covered = warn_data_dependent_state(self)
+        self._dp_ledger.adopt(self.trainable_variables)
         self._jit_per_replica = bool(jit_compile) and _is_mirrored(
             self.distribute_strategy
         )
@@ -61,14 +87,72 @@ class DPTrainer:
             jit_compile = False
         super().compile(optimizer, *args, jit_compile=jit_compile, **kwargs)
 
-    def fit(self, *args, callbacks=None, **kwargs):
-        """As `keras.Model.fit`; reports epsilon and enforces the budget.
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        shuffle=True,
+        class_weight=None,
+        sample_weight=None,
+        steps_per_epoch=None,
+        **kwargs,
+    ):
+        """As `keras.Model.fit`; samples, records and reports privately.
 
+        - Arrays (`fit(x_train, y_train, batch_size=B)`): each logical step
+          is a Poisson sample of the examples with rate B/N, drawn afresh
+          from the operating system's entropy for every pass (`shuffle` is
+          ignored), padded to a fixed size with a mask; an epoch is
+          round(N/B) logical steps. N and B become the optimizer's
+          `num_examples` and `batch_size` if it has none (they must agree
+          if it has).
+        - A dataset: its `sampling.Sampling` (the library's pipelines set
+          it, `sampling.declare` states a user's own); any other pipeline is
+          accounted for as "unknown" (every example in every step), with a
+          warning.
+
+        The steps are recorded with that sampling in the model's ledger.
         When the optimizer knows `num_examples` and `target_delta`, a
-        `callbacks.PrivacyBudget` runs first among the callbacks (so that
-        `epsilon` is in the logs that the others see); a user's own
+        `callbacks.PrivacyBudget` runs first among the callbacks (`epsilon`
+        in the logs; training stops before the budget); a user's own
         `PrivacyBudget` is moved first instead.
+
+        Raises:
+            ValueError: `sample_weight` or `class_weight`; arrays that
+                disagree with the optimizer's `num_examples`/`batch_size`;
+                data sampled more weakly than the sampling that sigma was
+                calibrated for.
         """
+        if sample_weight is not None or class_weight is not None:
+            raise ValueError(_NO_WEIGHTS)
+        optimizer = self.optimizer
+        if not optimizers.is_private(optimizer):
+            raise ValueError(optimizers._NOT_PRIVATE.format(name="A DPModel"))
+        if _is_arrays(x, y):
+            x, y, validation_data, steps_per_epoch, drawn = self._poisson_fit_data(
+                x, y, batch_size, validation_split, validation_data,
+                steps_per_epoch,
+            )
+            batch_size, validation_split = None, 0.0
+        else:
+            drawn = sampling_lib.of(x)
+            if drawn.kind == "unknown" and not drawn.declared:
+                warnings.warn(_UNKNOWN_PIPELINE, stacklevel=2)
+            x = _checked_masks(x)
+        self._check_calibrated_for(drawn)
+        if optimizer.discard_partial_batch():
+            warnings.warn(
+                "A logical batch was half accumulated when fit started; it "
+                "was dropped (never noised or applied), so that its rows do "
+                "not join those of another sample.",
+                stacklevel=2,
+            )
         if isinstance(callbacks, keras.callbacks.CallbackList):
             callbacks = callbacks.callbacks  # never bypass the budget
         callbacks = list(callbacks or [])
@@ -76,15 +160,174 @@ class DPTrainer:
             c for c in callbacks if isinstance(c, dp_callbacks.PrivacyBudget)
         ]
         others = [c for c in callbacks if c not in budget]
-        if not budget and dp_callbacks.reports_privacy(self.optimizer):
-            verbose = 0 if kwargs.get("verbose", "auto") == 0 else 1
-            budget = [dp_callbacks.PrivacyBudget(verbose=verbose)]
-        if self.built and not self.optimizer.built:
+        if not budget and dp_callbacks.reports_privacy(optimizer):
+            quiet = verbose == 0
+            budget = [dp_callbacks.PrivacyBudget(verbose=0 if quiet else 1)]
+        if self.built and not optimizer.built:
             # Variables created while tracing make TensorFlow trace the
             # (costly, vectorized) train step a second time.
             with self.distribute_strategy.scope():
-                self.optimizer.build(self.trainable_variables)
-        return super().fit(*args, callbacks=budget + others, **kwargs)
+                optimizer.build(self.trainable_variables)
+        self._dp_ledger.set_sampling(drawn)
+        try:
+            return super().fit(
+                x,
+                y,
+                batch_size=batch_size,
+                epochs=epochs,
+                verbose=verbose,
+                callbacks=budget + others,
+                validation_split=validation_split,
+                validation_data=validation_data,
+                shuffle=shuffle,
+                steps_per_epoch=steps_per_epoch,
+                **kwargs,
+            )
+        finally:
+            # Steps outside fit (train_on_batch, custom loops) are "unknown".
+            self._dp_ledger.set_sampling(sampling_lib.UNKNOWN)
+
+    def _poisson_fit_data(
+        self, x, y, batch_size, validation_split, validation_data, steps
+    ):
+        """`fit` on arrays: Poisson batches of them (see `fit`)."""
+        optimizer = self.optimizer
+        if validation_split and validation_data is None:
+            (x, y, _), validation_data = (
+                array_data_adapter.train_validation_split(
+                    (x, y, None), validation_split=validation_split
+                )
+            )
+        num_examples = len(tf.nest.flatten(x)[0])
+        if optimizer.num_examples is None:
+            optimizer.num_examples = num_examples
+        elif optimizer.num_examples != num_examples:
+            raise ValueError(
+                f"The optimizer's num_examples={optimizer.num_examples}, but "
+                f"fit was given {num_examples} training examples."
+            )
+        given = batch_size
+        batch_size = given or optimizer.batch_size or 32
+        if optimizer.batch_size is None:
+            optimizer.batch_size = batch_size
+        elif given is not None and given != optimizer.batch_size:
+            raise ValueError(
+                f"The optimizer's batch_size={optimizer.batch_size}, but fit "
+                f"was given batch_size={given}."
+            )
+        accounting.check_arguments(batch_size, num_examples)
+        data = poisson.arrays_dataset(
+            x,
+            y,
+            batch_size,
+            accumulation_steps=optimizer.accumulation_steps,
+            input_context=None,
+        )
+        if self.distribute_strategy.num_replicas_in_sync > 1:
+            raise ValueError(
+                "fit on arrays samples Poisson batches for one replica; under "
+                "a distribution strategy, use "
+                "keras_dpscale.data.train_dataset with "
+                "strategy.distribute_datasets_from_function."
+            )
+        if steps is None:
+            steps = max(1, round(num_examples / batch_size))
+            steps *= optimizer.accumulation_steps
+        return data, None, validation_data, steps, sampling_lib.of(data)
+
+    def _check_calibrated_for(self, drawn):
+        """Raises if sigma was calibrated for a stronger sampling than the
+        data's (the budget would be spent at once)."""
+        optimizer = self.optimizer
+        planned = optimizer.sampling
+        if optimizer._calibration is None:
+            return
+        if _STRENGTH.index(drawn.kind) > _STRENGTH.index(planned):
+            raise ValueError(
+                f"The optimizer calibrated sigma for {planned} sampling, but "
+                f"the data are sampled as '{drawn.kind}' "
+                f"({accounting._ASSUMPTIONS[drawn.kind]}). Train on arrays "
+                "or on keras_dpscale.data.train_dataset (Poisson sampling), "
+                "pass sampling='" + drawn.kind + "' to the optimizer to "
+                "calibrate for it, or state how your pipeline samples with "
+                "keras_dpscale.sampling.declare."
+            )
+
+    # -- The privacy record of the weights (the model's ledger). ----------
+
+    def privacy_ledger(self):
+        """Every DP step of this model's weights, as `accounting.Segment`s."""
+        return self._dp_ledger.segments()
+
+    def _privacy_defaults(self, delta, accountant=None):
+        optimizer = getattr(self, "optimizer", None)
+        if not optimizers.is_private(optimizer):
+            optimizer = None
+        delta = delta if delta is not None else getattr(
+            optimizer, "target_delta", None
+        )
+        if delta is None:
+            raise ValueError(
+                "Reporting epsilon needs delta: pass delta=..., or "
+                "target_delta=... to the DP optimizer."
+            )
+        accountant = accountant or getattr(optimizer, "accountant", "pld")
+        num_examples = getattr(optimizer, "num_examples", None)
+        return optimizer, delta, accountant, num_examples
+
+    def epsilon(self, delta=None, accountant=None):
+        """Epsilon of every DP step recorded, at `delta` (default: the
+        optimizer's `target_delta`)."""
+        _, delta, accountant, num_examples = self._privacy_defaults(
+            delta, accountant
+        )
+        return accounting.ledger_epsilon(
+            self.privacy_ledger(), num_examples, delta, accountant
+        )
+
+    def privacy_statement(self, delta=None):
+        """What the guarantee is, what it assumes and what it does not cover."""
+        optimizer, delta, accountant, num_examples = self._privacy_defaults(
+            delta
+        )
+        return accounting.privacy_statement(
+            self.privacy_ledger(),
+            delta,
+            accountant,
+            num_examples=num_examples,
+            l2_norm_clip=getattr(optimizer, "l2_norm_clip", None),
+            non_private_steps=int(self._dp_ledger.non_private_steps.numpy()),
+            not_covered=getattr(self, "_not_covered", None)
+            or warn_data_dependent_state(self),
+        )
+
+    def coming_steps(self):
+        """A `Segment` with the settings of the coming steps (the optimizer's
+        and the current data's sampling), or None if not known yet."""
+        return self.optimizer.coming_steps(self._dp_ledger.sampling())
+
+    def remaining_steps(self, epsilon_budget=None, delta=None):
+        """Logical steps like the coming ones left within the budget; None
+        if the coming steps' settings are not known yet."""
+        optimizer, delta, accountant, num_examples = self._privacy_defaults(
+            delta
+        )
+        budget = (
+            optimizer.epsilon_budget if epsilon_budget is None else epsilon_budget
+        )
+        if budget is None:
+            raise ValueError("A budget check needs epsilon_budget.")
+        coming = self.coming_steps()
+        if coming is None:
+            return None
+        return accounting.remaining_steps(
+            self.privacy_ledger(),
+            coming,
+            num_examples,
+            delta,
+            budget,
+            accountant,
+        )
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Keras' build on one batch under tf.distribute, from one replica's
@@ -132,29 +375,24 @@ class DPTrainer:
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         mask = None
         if isinstance(sample_weight, dict) and set(sample_weight) == {MASK}:
-            mask, sample_weight = sample_weight[MASK], None
+            # A row counts only where its mask is exactly 1: any other value
+            # (a weight in disguise) drops the row. `fit` raises on such
+            # values where it can see the data (`_checked_masks`).
+            mask = tf.cast(tf.equal(sample_weight[MASK], 1), tf.float32)
+            sample_weight = None
         if sample_weight is not None:
-            raise ValueError(
-                "sample_weight and class_weight are not supported in DP "
-                "training: a weight scales an example's gradient after it is "
-                "clipped, which breaks the sensitivity bound. Remove them "
-                "(resample the data instead of weighting it)."
-            )
+            raise ValueError(_NO_WEIGHTS)
         optimizer = self.optimizer
         if not optimizers.is_private(optimizer):
             raise ValueError(optimizers._NOT_PRIVATE.format(name="A DPModel"))
-        if (mask is not None) != (optimizer.sampling == "poisson"):
-            raise ValueError(
-                "The optimizer's sampling must say what the data did: "
-                "Poisson-sampled batches, padded to a fixed size and given as "
-                f"(x, y, {{'{MASK}': mask}}), need sampling='poisson' and "
-                "batch_size=B (the expected size); other batches need "
-                "sampling='shuffle'."
-            )
         grad_sum, losses, y_pred = self.clipped_gradient_sum(x, y, mask)
         batch_size = tf.nest.flatten(x)[0].shape[0]
         optimizer.apply_private_gradients(
-            grad_sum, self.trainable_variables, batch_size
+            grad_sum,
+            self.trainable_variables,
+            batch_size,
+            record=self._dp_ledger.record,
+            padded=mask is not None,
         )
         for sg in _seed_generators(self):
             sg.next()
@@ -382,6 +620,66 @@ class DPTrainer:
         )
 
 
+_NO_WEIGHTS = (
+    "sample_weight and class_weight are not supported in DP training: a "
+    "weight scales an example's gradient after it is clipped, which breaks "
+    "the sensitivity bound. Remove them (resample the data instead of "
+    "weighting it)."
+)
+_UNKNOWN_PIPELINE = (
+    "keras_dpscale cannot see how this dataset samples its batches, so "
+    "epsilon counts every example in every step (no amplification by "
+    "sampling). For Poisson sampling, fit on arrays or on "
+    "keras_dpscale.data.train_dataset(...); to state how your own pipeline "
+    "samples, use keras_dpscale.sampling.declare(dataset, ...)."
+)
+
+
+def _is_arrays(x, y):
+    """True for in-memory arrays (NumPy, tensors, nests of them)."""
+    if x is None or isinstance(x, tf.data.Dataset):
+        return False
+    try:
+        return array_data_adapter.can_convert_arrays((x, y))
+    except Exception:  # noqa: BLE001 -- anything else is not arrays
+        return False
+
+
+def _checked_masks(data):
+    """A `tf.data.Dataset` whose padding masks are checked to be 0/1 (an
+    error at the batch that breaks it, before it is trained on)."""
+    if not isinstance(data, tf.data.Dataset):
+        return data
+    spec = data.element_spec
+    if not (
+        isinstance(spec, tuple)
+        and len(spec) == 3
+        and isinstance(spec[2], dict)
+        and set(spec[2]) == {MASK}
+    ):
+        return data
+
+    def check(x, y, weights):
+        mask = weights[MASK]
+        binary = tf.reduce_all((mask == 0) | (mask == 1))
+        with tf.control_dependencies(
+            [
+                tf.debugging.Assert(
+                    binary,
+                    [
+                        f"The padding mask '{MASK}' must hold 0 (padding) "
+                        "or 1 (an example) only; a weight would scale an "
+                        "example's clipped gradient. Got:",
+                        mask,
+                    ],
+                )
+            ]
+        ):
+            return x, y, {MASK: tf.identity(mask)}
+
+    return data.map(check)
+
+
 def _is_mirrored(strategy):
     """True for the strategies that replicate over several local devices."""
     return strategy.num_replicas_in_sync > 1 and isinstance(
@@ -402,18 +700,75 @@ def _seed_generators(model):
 
 
 def check_layers(model):
-    """Raises if the model has a layer that mixes examples (BatchNorm)."""
+    """Raises if the model has a layer that mixes examples by design
+    (BatchNormalization, MixUp, CutMix, or `mixes_examples = True`).
+
+    This is a check of intent, in both engines; the fast engine also proves
+    on the traced computation that nothing else mixes (`separability`).
+    """
     for layer in model._flatten_layers():
-        if isinstance(layer, keras.layers.BatchNormalization) or getattr(
+        if isinstance(layer, _MIXING_LAYERS) or getattr(
             layer, "mixes_examples", False
         ):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                fix = (
+                    "Replace it with keras.layers.GroupNormalization or "
+                    "LayerNormalization."
+                )
+            else:
+                fix = (
+                    "Remove it: mixing examples (MixUp, CutMix) is not "
+                    "compatible with per-example clipping; augment each "
+                    "example on its own (augmult) instead."
+                )
             raise ValueError(
                 f"Layer '{layer.name}' ({type(layer).__name__}) computes its "
                 "output for one example from other examples of the batch, "
                 "so per-example gradients and their clipping bound do not "
-                "hold. Replace it with keras.layers.GroupNormalization or "
-                "LayerNormalization."
+                f"hold. {fix}"
             )
+
+
+def warn_data_dependent_state(model):
+    """Warns about layers whose state was set from data outside DP training
+    (adapted preprocessing layers); returns their descriptions, which the
+    privacy statement lists as not covered."""
+    found = []
+    for layer in model._flatten_layers(include_self=False):
+        if not _adapted(layer):
+            continue
+        found.append(
+            f"the statistics of layer '{layer.name}' "
+            f"({type(layer).__name__}), set by adapt()"
+        )
+    if found:
+        warnings.warn(
+            "keras_dpscale: "
+            + "; ".join(found)
+            + " come from data, and DP training does not protect them: if "
+            "that was the private training data, the model leaks it. Compute "
+            "them on public data or pass them as constants (e.g. "
+            "Normalization(mean=..., variance=...)), or normalize in the "
+            "input pipeline with public constants.",
+            stacklevel=3,
+        )
+    return found
+
+
+def _adapted(layer):
+    """True for a preprocessing layer whose statistics came from `adapt()`
+    (not from its constructor): `Normalization`, `Discretization`."""
+    if isinstance(layer, keras.layers.Normalization):
+        if layer.input_mean is not None or not layer.built:
+            return False
+        return bool(
+            tf.reduce_any(layer.adapt_mean != 0)
+            or tf.reduce_any(layer.adapt_variance != 1)
+        )
+    if isinstance(layer, keras.layers.Discretization):
+        summary = getattr(layer, "summary", None)
+        return summary is not None and summary.size > 0
+    return False
 
 
 def check_no_state_updates(model, scope, seed_generators):
@@ -460,6 +815,7 @@ class DPModel(DPTrainer, keras.Model):
                 "keras_dpscale.dp_model.DPFunctional instead."
             )
         super().__init__(*args, **kwargs)
+        self._dp_ledger = ledger_lib.PrivacyLedger(self)
 
 
 @keras.saving.register_keras_serializable(package="keras_dpscale")
@@ -472,11 +828,16 @@ class DPFunctional(DPModel, Functional):
     def __init__(self, inputs, outputs, name=None, **kwargs):
         Trainer.__init__(self)
         Functional.__init__(self, inputs, outputs, name=name, **kwargs)
+        self._dp_ledger = ledger_lib.PrivacyLedger(self)
 
 
 @keras.saving.register_keras_serializable(package="keras_dpscale")
 class DPSequential(DPTrainer, keras.Sequential):
     """A `keras.Sequential` that trains with DP-SGD."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dp_ledger = ledger_lib.PrivacyLedger(self)
 
 
 @keras.saving.register_keras_serializable(package="keras_dpscale")
@@ -511,11 +872,33 @@ def make_private(model):
     Returns:
         A `DPSequential`, a functional `DPModel`, or a `PrivateWrapper`. The
         weights are shared, not copied: training one trains the other.
+        Asked again for the same model, it returns the same DP model, whose
+        ledger holds every DP step of the shared weights. If `model` was
+        trained by a non-DP optimizer, its steps are recorded as not covered
+        by the guarantee (the privacy statement says so).
     """
     if isinstance(model, DPTrainer):
         return model
+    made = getattr(model, "_keras_dpscale_private", lambda: None)()
+    if made is not None:
+        return made
     if isinstance(model, keras.Sequential):
-        return DPSequential(model.layers, name=model.name)
-    if isinstance(model, Functional):
-        return DPModel(model.inputs, model.outputs, name=model.name)
-    return PrivateWrapper(model, name=f"private_{model.name}")
+        private = DPSequential(model.layers, name=model.name)
+    elif isinstance(model, Functional):
+        private = DPModel(model.inputs, model.outputs, name=model.name)
+    else:
+        private = PrivateWrapper(model, name=f"private_{model.name}")
+    trained = getattr(model, "optimizer", None)
+    if trained is not None and not optimizers.is_private(trained):
+        steps = int(trained.iterations.numpy()) if trained.built else 0
+        if steps:
+            private._dp_ledger.add_non_private_steps(steps)
+            warnings.warn(
+                f"The weights of '{model.name}' were trained by a non-DP "
+                f"optimizer for {steps} steps; the privacy guarantee of DP "
+                "training covers only what follows, and the privacy "
+                "statement says so.",
+                stacklevel=2,
+            )
+    object.__setattr__(model, "_keras_dpscale_private", weakref.ref(private))
+    return private

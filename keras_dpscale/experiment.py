@@ -19,6 +19,7 @@ from keras_dpscale import checkpoint
 from keras_dpscale import data
 from keras_dpscale import models
 from keras_dpscale import optimizers
+from keras_dpscale import sampling as sampling_lib
 from keras_dpscale import transfer
 from keras_dpscale.data import imagenet
 
@@ -101,7 +102,9 @@ def train_and_evaluate(
         ema_momentum: parameter averaging (EMA) of the weights, or None;
             evaluation and export use the averaged weights.
         eval_batch_size: evaluation batch size.
-        seed: seed of the initialization, the sampling and the views.
+        seed: seed of the initialization and the augmentations (public: it
+            is written to the config). The Poisson sample is secret and
+            fresh (`data.poisson`), never derived from it.
         checkpoint_every_n_steps: logical steps between checkpoints (in
             `model_dir/checkpoints`; also at each epoch end). A run started
             again with the same `model_dir` resumes from the newest one.
@@ -179,23 +182,35 @@ def train_and_evaluate(
     state = checkpoint.restore(net, checkpoints)
     initial_epoch = state.epoch if state else 0
 
+    if sampling == "poisson":
+        # Resuming: the steps left from the start of `initial_epoch`, from a
+        # fresh secret sample (nothing is replayed; the `Checkpoint`
+        # callback skips the batches of that epoch already trained on).
+        train_kwargs["steps"] = steps - initial_epoch * steps_per_epoch
+    drawn = []
+
     def train_fn(input_context=None):
-        local_replicas = 1
-        if input_context is not None:
-            local_replicas = (
-                input_context.num_replicas_in_sync
-                // input_context.num_input_pipelines
-            )
-        # Resuming: start at the first batch of `initial_epoch`.
-        done = initial_epoch * steps_per_epoch * accumulation_steps
-        return data.train_dataset(
+        ds = data.train_dataset(
             train_examples, input_context=input_context, **train_kwargs
-        ).skip(done * local_replicas)
+        )
+        drawn.append(sampling_lib.of(ds))
+        if sampling == "shuffle":  # a deterministic stream: resume in place
+            done = initial_epoch * steps_per_epoch * accumulation_steps
+            local = 1
+            if input_context is not None:
+                local = (
+                    input_context.num_replicas_in_sync
+                    // input_context.num_input_pipelines
+                )
+            ds = ds.skip(done * local)
+        return ds
 
     if strategy.num_replicas_in_sync > 1:
         train = strategy.distribute_datasets_from_function(train_fn)
     else:
         train = train_fn()
+    if drawn:
+        sampling_lib.attach(train, drawn[0])
 
     with open(os.path.join(model_dir, "config.gin"), "w") as f:
         f.write(gin.config_str())
@@ -215,6 +230,7 @@ def train_and_evaluate(
             verbose=verbose,
         )
     optimizer = net.optimizer
+    ledger = net.privacy_ledger()
     # After fit, Keras has put the EMA weights (if any) into the model.
     test = data.eval_dataset(
         data.load(dataset, eval_split, **(data_kwargs or {})),
@@ -224,14 +240,14 @@ def train_and_evaluate(
     accuracy = net.evaluate(test, verbose=0, return_dict=True)["accuracy"]
     result = {
         "test_accuracy": float(accuracy),
-        "epsilon": float(optimizer.epsilon(target_delta)),
+        "epsilon": float(net.epsilon(target_delta)),
         "delta": target_delta,
         "noise_multiplier": float(optimizer.noise_multiplier),
-        "steps": int(optimizer.iterations.numpy()),
+        "steps": sum(s.steps for s in ledger),
         "batch_size": batch_size,
         "num_examples": num_examples,
-        "sampling": sampling,
-        "privacy_statement": optimizer.privacy_statement(target_delta),
+        "sampling": ", ".join(sorted({s.sampling for s in ledger})),
+        "privacy_statement": net.privacy_statement(target_delta),
     }
     if export:
         from keras_dpscale import export as export_lib

@@ -40,7 +40,6 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from keras_dpscale import optimizers
 
 PRIVACY_FILE = "privacy.json"
 
@@ -60,83 +59,72 @@ def _finite(value):
     return value
 
 
-def _require_private(optimizer):
-    if not optimizers.is_private(optimizer):
+def _require_ledger(model):
+    if not hasattr(model, "privacy_ledger"):
         raise ValueError(
-            "Only a model trained with a DP optimizer (keras_dpscale.DPSGD or "
-            "DPAdam) has a privacy guarantee to export; the model's optimizer "
-            f"is {optimizer!r}. Train it with keras_dpscale.DPModel or "
+            "Only a keras_dpscale DP model (DPModel, DPSequential, "
+            "make_private(model)) has a privacy record to export; got "
+            f"{type(model).__name__}. Train it with keras_dpscale.DPModel or "
             "make_private(model) and a DP optimizer."
         )
 
 
-def privacy_record(optimizer, delta=None, ema_weights=False):
-    """The privacy guarantee of what `optimizer` trained, as a JSON-able dict.
+def privacy_record(model, delta=None, ema_weights=False):
+    """The privacy guarantee of `model`'s weights, as a JSON-able dict.
+
+    It is read from the model's ledger (`keras_dpscale.ledger`): every DP
+    step that trained the weights, whichever optimizer took it.
 
     Args:
-        optimizer: a DP optimizer (`DPSGD`, `DPAdam`) that knows
-            `num_examples`.
-        delta: delta of the guarantee; None: `optimizer.target_delta`.
+        model: a DP model (`DPModel`, `DPSequential`, `make_private`).
+        delta: delta of the guarantee; None: the optimizer's
+            `target_delta`.
         ema_weights: whether the exported weights are the parameter averages.
 
     Returns:
         A dict: `epsilon`, `delta`, `noise_multiplier`, `l2_norm_clip`,
         `steps`, `batch_size`, `num_examples`, `sampling`, `accountant`,
         `ledger` (one dict per segment of steps with the same settings),
-        `statement`, `ema_weights`, `ema_momentum` and
-        `keras_dpscale_version`. `noise_multiplier`, `batch_size` and
-        `sampling` are the ledger's; a list when its segments differ. An
-        infinite epsilon (sigma = 0) is the string "inf".
+        `non_private_steps` (steps of a non-DP optimizer before, not
+        covered), `not_covered`, `statement`, `ema_weights`, `ema_momentum`
+        and `keras_dpscale_version`. `noise_multiplier`, `batch_size`,
+        `num_examples` and `sampling` are the ledger's; a list when its
+        segments differ. An infinite epsilon (sigma = 0) is the string
+        "inf".
 
     Raises:
-        ValueError: `optimizer` is not a DP optimizer, or it lacks
-            `num_examples` or delta.
+        ValueError: `model` is not a DP model, or delta or N is unknown.
     """
     import keras_dpscale  # the package imports this module
 
-    _require_private(optimizer)
-    delta = optimizer.target_delta if delta is None else delta
-    missing = [
-        name
-        for name, value in (
-            ("num_examples", optimizer.num_examples),
-            ("delta", delta),
-        )
-        if value is None
-    ]
-    if missing:
+    _require_ledger(model)
+    optimizer, delta, accountant, num_examples = model._privacy_defaults(delta)
+    ledger = [s for s in model.privacy_ledger() if s.steps > 0]
+    if any((s.num_examples or num_examples) is None for s in ledger):
         raise ValueError(
-            f"The privacy record needs {' and '.join(missing)}: pass "
-            "num_examples=N and target_delta=... to the optimizer (or "
-            "delta=... to the export)."
+            "The privacy record needs num_examples: pass num_examples=N to "
+            "the optimizer."
         )
-    ledger = [s for s in optimizer.privacy_ledger() if s.steps > 0]
-    steps = sum(s.steps for s in ledger)
-    epsilon = float(optimizer.epsilon(delta))
-    statement = optimizer.privacy_statement(delta)
-    if ledger:
-        sigma = _uniform(s.noise_multiplier for s in ledger)
-        batch_size = _uniform(s.batch_size for s in ledger)
-        sampling = _uniform(s.sampling for s in ledger)
-    else:
-        sigma = optimizer.noise_multiplier
-        batch_size = optimizer.batch_size
-        sampling = optimizer.sampling
+    epsilon = float(model.epsilon(delta))
     return {
         "epsilon": _finite(epsilon),
         "delta": float(delta),
-        "noise_multiplier": sigma,
-        "l2_norm_clip": optimizer.l2_norm_clip,
-        "steps": int(steps),
-        "batch_size": batch_size,
-        "num_examples": int(optimizer.num_examples),
-        "sampling": sampling,
-        "accountant": optimizer.accountant,
+        "noise_multiplier": _uniform(s.noise_multiplier for s in ledger),
+        "l2_norm_clip": getattr(optimizer, "l2_norm_clip", None),
+        "steps": int(sum(s.steps for s in ledger)),
+        "batch_size": _uniform(s.batch_size for s in ledger),
+        "num_examples": _uniform(
+            s.num_examples or num_examples for s in ledger
+        ),
+        "sampling": _uniform(s.sampling for s in ledger),
+        "accountant": accountant,
         "ledger": [dataclasses.asdict(s) for s in ledger],
-        "statement": statement,
+        "non_private_steps": int(model._dp_ledger.non_private_steps.numpy()),
+        "not_covered": list(getattr(model, "_not_covered", None) or []),
+        "statement": model.privacy_statement(delta),
         "ema_weights": bool(ema_weights),
         "ema_momentum": (
-            float(optimizer.ema_momentum) if ema_weights else None
+            float(optimizer.ema_momentum) if ema_weights and optimizer else None
         ),
         "keras_dpscale_version": keras_dpscale.__version__,
     }
@@ -205,15 +193,14 @@ def export_saved_model(
         The privacy record written (see `privacy_record`).
 
     Raises:
-        ValueError: the model's optimizer is not a DP optimizer (there is no
-            guarantee to record), it lacks `num_examples` or delta, or the
-            input shape is unknown.
+        ValueError: the model is not a DP model (there is no guarantee to
+            record), delta or N is unknown, or the input shape is unknown.
     """
+    _require_ledger(model)
     optimizer = getattr(model, "optimizer", None)
-    _require_private(optimizer)
     shape = _image_shape(model, input_shape)
-    pairs = _ema_pairs(optimizer) if use_ema else []
-    record = privacy_record(optimizer, delta, ema_weights=bool(pairs))
+    pairs = _ema_pairs(optimizer) if use_ema and optimizer else []
+    record = privacy_record(model, delta, ema_weights=bool(pairs))
     record["outputs"] = "probabilities" if probabilities else "logits"
     text = json.dumps(record, indent=2, sort_keys=True)
 

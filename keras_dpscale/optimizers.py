@@ -13,7 +13,9 @@ is the second half of the private step:
 
 `optimizer.iterations` counts logical steps. The plain Keras entry points
 (`apply`, `apply_gradients`) raise: gradients that were not clipped per
-example must never reach a DP optimizer.
+example must never reach a DP optimizer. Each logical step is recorded in
+the model's privacy ledger (`keras_dpscale.ledger`), which the model owns:
+the record follows the weights, not the optimizer.
 """
 
 import logging
@@ -23,10 +25,6 @@ import tensorflow as tf
 
 from keras_dpscale import accounting
 from keras_dpscale import noise
-
-# Rows of the privacy ledger; a new row opens only when sigma, the batch size
-# or the sampling changes.
-LEDGER_CAPACITY = 32
 
 _NOT_PRIVATE = (
     "{name} received gradients from a train_step that does not clip per "
@@ -75,9 +73,12 @@ class DPOptimizerMixin:
         steps, epochs: the planned training length, for `target_epsilon`.
         epsilon_budget: training stops before a step would take epsilon
             above it (`DPModel.fit` adds `callbacks.PrivacyBudget`).
-        sampling: how the batches were drawn: "shuffle" (shuffled fixed-size
-            batches, any `tf.data` pipeline; epsilon then assumes Poisson
-            sampling and says so) or "poisson" (Poisson sampling).
+        sampling: how the batches will be drawn, for calibrating sigma and
+            the budget before training (`keras_dpscale.sampling`):
+            "poisson" (default: the library's pipelines and `fit` on
+            arrays), "shuffle" or "unknown". What the data actually did is
+            what `fit` records: a weaker sampling than calibrated for
+            raises before training.
         accountant: "pld" (default) or "rdp".
     """
 
@@ -98,7 +99,7 @@ class DPOptimizerMixin:
         steps=None,
         epochs=None,
         epsilon_budget=None,
-        sampling="shuffle",
+        sampling="poisson",
         accountant="pld",
         **kwargs,
     ):
@@ -133,9 +134,9 @@ class DPOptimizerMixin:
                 raise ValueError(
                     f"{name} must be None or an integer >= 1, got {value}."
                 )
-        if sampling not in accounting.SAMPLING:
+        if sampling not in PLANNED_SAMPLING:
             raise ValueError(
-                f"sampling must be one of {accounting.SAMPLING}, got "
+                f"sampling must be one of {PLANNED_SAMPLING}, got "
                 f"{sampling!r}."
             )
         accounting.make_accountant(accountant)  # validates the name
@@ -276,40 +277,36 @@ class DPOptimizerMixin:
             aggregation="only_first_replica",
             name="dp_noise_multiplier",
         )
-        # Rows (noise_multiplier, batch_size, sampling, max_batch_size,
-        # steps); see `_record_step`.
-        self._ledger = self.add_variable(
-            shape=(LEDGER_CAPACITY, 5),
-            dtype="float64",
-            aggregation="only_first_replica",
-            name="dp_ledger",
-        )
-        self._ledger_size = self.add_variable(
-            shape=(),
-            dtype="int64",
-            aggregation="only_first_replica",
-            name="dp_ledger_size",
-        )
         self._grad_sums = []
         if self.accumulation_steps > 1:
             self._grad_sums = self.add_optimizer_variables(
                 variables, "dp_grad_sum"
             )
 
-    def logical_batch_size(self, physical_batch_size):
-        """B, the public divisor of the noisy gradient sum."""
+    def logical_batch_size(self, physical_batch_size, padded=False):
+        """B, the public divisor of the noisy gradient sum.
+
+        Args:
+            physical_batch_size: the static batch dimension of all replicas
+                (or None).
+            padded: the batches are padded with masked rows (Poisson): B is
+                then the given `batch_size`, not the rows.
+        """
         if self.batch_size is not None:
             actual = (physical_batch_size or 0) * self.accumulation_steps
-            if self.sampling == "shuffle" and actual not in (
-                0,
-                self.batch_size,
-            ):
+            if not padded and actual not in (0, self.batch_size):
                 raise ValueError(
                     f"batch_size={self.batch_size}, but the data come in "
                     f"batches of {physical_batch_size} x accumulation_steps="
                     f"{self.accumulation_steps} = {actual}. Make them agree."
                 )
             return self.batch_size
+        if padded:
+            raise ValueError(
+                "Padded batches (with a mask) need batch_size=B, the expected "
+                "logical batch size, in the optimizer: the divisor of the "
+                "noisy sum must not depend on the data."
+            )
         if physical_batch_size is None:
             raise ValueError(
                 "The batch dimension of the training data is not static, so "
@@ -319,15 +316,28 @@ class DPOptimizerMixin:
         return self.accumulation_steps * physical_batch_size
 
     def apply_private_gradients(
-        self, clipped_grad_sum, trainable_variables, physical_batch_size
+        self,
+        clipped_grad_sum,
+        trainable_variables,
+        physical_batch_size,
+        record,
+        padded=False,
     ):
         """Accumulates one physical batch; on the last one, noise and apply.
+
+        Every state update of the step (the accumulators, the micro-step,
+        the update and its record) waits for the clipped sum, so a call that
+        gets no data (an exhausted iterator, outside XLA) changes nothing.
 
         Args:
             clipped_grad_sum: list of summed clipped per-example gradients of
                 one physical batch, one per variable.
             trainable_variables: the variables they belong to.
             physical_batch_size: the static batch dimension (or None).
+            record: `record(sigma, batch_size, num_examples, rows)`, called
+                once per logical batch, where the noise is added: the
+                model's privacy ledger.
+            padded: the batch has masked padding rows (Poisson).
         """
         # The batch of all replicas: each one holds an equal part of it.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -340,7 +350,7 @@ class DPOptimizerMixin:
             )
         if physical_batch_size is not None:
             physical_batch_size *= replicas
-        batch_size = self.logical_batch_size(physical_batch_size)
+        batch_size = self.logical_batch_size(physical_batch_size, padded)
         # Rows of a logical batch in the pipeline (Poisson: the padded size).
         rows = self.accumulation_steps * (physical_batch_size or batch_size)
         if not self.built:  # Keras builds lazily, on the first trace.
@@ -350,32 +360,39 @@ class DPOptimizerMixin:
             with tf.init_scope():  # once, eagerly, before the first step
                 self.noise_multiplier = self._calibrate_for(batch_size)
                 self.batch_size = batch_size
-        if self.accumulation_steps == 1:
-            self._apply_noisy_mean(
-                clipped_grad_sum, trainable_variables, batch_size, rows
-            )
-            return
-        sums = [
-            self._grad_sums[self._get_variable_index(v)]
-            for v in trainable_variables
-        ]
-        is_last = (self._micro_step + 1) % self.accumulation_steps == 0
+        with tf.control_dependencies(tf.nest.flatten(clipped_grad_sum)):
+            if self.accumulation_steps == 1:
+                self._apply_noisy_mean(
+                    clipped_grad_sum,
+                    trainable_variables,
+                    batch_size,
+                    rows,
+                    record,
+                )
+                return
+            sums = [
+                self._grad_sums[self._get_variable_index(v)]
+                for v in trainable_variables
+            ]
+            is_last = (self._micro_step + 1) % self.accumulation_steps == 0
 
-        def apply_and_reset():
-            total = [s + g for s, g in zip(sums, clipped_grad_sum)]
-            self._apply_noisy_mean(total, trainable_variables, batch_size, rows)
-            for s in sums:
-                s.assign(tf.zeros_like(s))
+            def apply_and_reset():
+                total = [s + g for s, g in zip(sums, clipped_grad_sum)]
+                self._apply_noisy_mean(
+                    total, trainable_variables, batch_size, rows, record
+                )
+                for s in sums:
+                    s.assign(tf.zeros_like(s))
 
-        def accumulate():
-            for s, g in zip(sums, clipped_grad_sum):
-                s.assign_add(g)
+            def accumulate():
+                for s, g in zip(sums, clipped_grad_sum):
+                    s.assign_add(g)
 
-        tf.cond(is_last, apply_and_reset, accumulate)
-        self._micro_step.assign_add(1)
+            tf.cond(is_last, apply_and_reset, accumulate)
+            self._micro_step.assign_add(1)
 
     def _apply_noisy_mean(
-        self, grad_sum, trainable_variables, batch_size, rows
+        self, grad_sum, trainable_variables, batch_size, rows, record
     ):
         """The one place where noise is added: once per logical batch."""
         seed = noise.step_seed(self._seed, self.iterations)
@@ -392,165 +409,44 @@ class DPOptimizerMixin:
         )
         stddev = sigma * self.l2_norm_clip * first
         noisy_sum = noise.add_gaussian_noise(grad_sum, stddev, seed)
-        self._record_step(sigma, batch_size, rows)
+        record(sigma, batch_size, self.num_examples, rows)
         scale = 1.0 / batch_size
         if self.rescale_to_unit_norm:
             scale /= self.l2_norm_clip
         super().apply([g * scale for g in noisy_sum], trainable_variables)
 
-    def _record_step(self, sigma, batch_size, rows):
-        """Appends one logical step to the ledger, in the graph.
+    def at_step_boundary(self):
+        """True if no logical batch is half accumulated."""
+        if not self.built or self.accumulation_steps == 1:
+            return True
+        return int(self._micro_step.numpy()) % self.accumulation_steps == 0
 
-        A step with the same (sigma, B, sampling, rows) as the last row adds
-        to its count; otherwise it opens a new row. If all rows are used, the
-        last row absorbs the step with the smaller sigma and the larger B and
-        rows of the two, which can only overstate epsilon.
-        """
-        row = tf.stack(
-            [
-                tf.cast(sigma, tf.float64),
-                tf.constant(batch_size, tf.float64),
-                tf.constant(
-                    accounting.SAMPLING.index(self.sampling), tf.float64
-                ),
-                tf.constant(rows, tf.float64),
-            ]
-        )
-        ledger = tf.convert_to_tensor(self._ledger)
-        size = tf.convert_to_tensor(self._ledger_size)
-        last = tf.maximum(size - 1, 0)
-        # A gather, not `ledger[last]`: XLA needs a strided slice's bounds at
-        # compile time and would recompile the step for each ledger size.
-        last_row = tf.gather(ledger, last)
-        same = (size > 0) & tf.reduce_all(tf.equal(last_row[:4], row))
-        full = size >= LEDGER_CAPACITY
-        merged = tf.stack(
-            [
-                tf.minimum(last_row[0], row[0]),
-                tf.maximum(last_row[1], row[1]),
-                tf.maximum(last_row[2], row[2]),
-                tf.maximum(last_row[3], row[3]),
-                last_row[4] + 1,
-            ]
-        )
-        new_row = tf.concat([row, [1.0]], 0)
-        new_row = tf.where(same, last_row + [0, 0, 0, 0, 1], new_row)
-        new_row = tf.where(full & ~same, merged, new_row)
-        index = tf.where(same | full, last, size)
-        self._ledger.assign(
-            tf.tensor_scatter_nd_update(ledger, [[index]], [new_row])
-        )
-        self._ledger_size.assign(tf.where(same | full, size, size + 1))
+    def discard_partial_batch(self):
+        """Drops a half-accumulated logical batch (never noised or applied,
+        so it costs no privacy): its rows must not join those of the next
+        sample. Returns True if there was one."""
+        if self.at_step_boundary():
+            return False
+        for s in self._grad_sums:
+            s.assign(tf.zeros_like(s))
+        micro = int(self._micro_step.numpy())
+        self._micro_step.assign(micro - micro % self.accumulation_steps)
+        return True
 
-    def privacy_ledger(self):
-        """The steps taken so far, as a list of `accounting.Segment`."""
-        if not self.built:
-            return []
-        rows = self._ledger.numpy()[: int(self._ledger_size.numpy())]
-        return [
-            accounting.Segment(
-                float(sigma),
-                int(batch),
-                accounting.SAMPLING[int(code)],
-                int(steps),
-                int(max_rows),
-            )
-            for sigma, batch, code, max_rows, steps in rows
-        ]
-
-    def next_step(self):
-        """A `Segment` with the coming steps' settings, or None if unknown.
-
-        Unknown: B is not given and no step has been taken yet.
-        """
-        ledger = self.privacy_ledger()
-        batch_size = self.batch_size or (
-            ledger[-1].batch_size if ledger else None
-        )
-        if batch_size is None or self.noise_multiplier is None:
+    def coming_steps(self, sampling):
+        """A `Segment` with the coming steps' settings (steps 0), given the
+        data's `sampling`; None if B or sigma is not known yet."""
+        if self.batch_size is None or self.noise_multiplier is None:
             return None
-        max_rows = ledger[-1].max_batch_size if ledger else batch_size
         return accounting.Segment(
-            self.noise_multiplier, batch_size, self.sampling, 0, max_rows
-        )
-
-    def epsilon(self, delta=None, accountant=None, amplification=True):
-        """Epsilon spent so far, at `delta` (default `target_delta`)."""
-        delta = self.target_delta if delta is None else delta
-        self._require(
-            "Reporting epsilon",
+            self.noise_multiplier,
+            self.batch_size,
+            sampling.kind,
+            0,
             num_examples=self.num_examples,
-            target_delta=delta,
+            overflow_probability=sampling.overflow_probability,
+            declared=sampling.declared,
         )
-        return accounting.ledger_epsilon(
-            self.privacy_ledger(),
-            self.num_examples,
-            delta,
-            accountant or self.accountant,
-            amplification,
-        )
-
-    def remaining_steps(self, epsilon_budget=None, delta=None):
-        """Logical steps with the current settings left within the budget.
-
-        None if the coming steps' batch size is not known yet.
-        """
-        budget = (
-            self.epsilon_budget if epsilon_budget is None else epsilon_budget
-        )
-        delta = self.target_delta if delta is None else delta
-        self._require(
-            "A budget check",
-            epsilon_budget=budget,
-            num_examples=self.num_examples,
-            target_delta=delta,
-        )
-        next_step = self.next_step()
-        if next_step is None:
-            return None
-        return accounting.remaining_steps(
-            self.privacy_ledger(),
-            next_step,
-            self.num_examples,
-            delta,
-            budget,
-            self.accountant,
-        )
-
-    def privacy_statement(self, delta=None):
-        """A one-line account of the guarantee, naming its assumptions."""
-        delta = self.target_delta if delta is None else delta
-        ledger = self.privacy_ledger()
-        steps = sum(s.steps for s in ledger)
-        epsilon = self.epsilon(delta)
-        if not ledger:
-            return (
-                f"epsilon=0 at delta={delta:g}: no private training step was "
-                "taken, so the weights do not depend on the training data."
-            )
-        text = (
-            f"epsilon={epsilon:.4g} at delta={delta:g} after {steps} steps "
-            f"(noise_multiplier {self.noise_multiplier:g}, l2_norm_clip "
-            f"{self.l2_norm_clip:g}, N={self.num_examples}, "
-            f"{self.accountant.upper()} accountant"
-        )
-        if any(s.sampling == "shuffle" for s in ledger):
-            loose = self.epsilon(delta, amplification=False)
-            text += (
-                "; batches were shuffled, not Poisson-sampled: this epsilon "
-                "assumes Poisson sampling, and without that assumption the "
-                f"bound is epsilon={loose:.4g})"
-            )
-        else:
-            extra = accounting.truncation_delta(
-                ledger, self.num_examples, epsilon
-            )
-            text += (
-                "; Poisson sampling, batches padded to at most "
-                f"{max(s.max_batch_size for s in ledger)} rows, whose rare "
-                f"truncation adds {extra:.3g} to delta)"
-            )
-        return text
 
     def apply(self, grads, trainable_variables=None):
         raise RuntimeError(_NOT_PRIVATE.format(name=type(self).__name__))
@@ -638,6 +534,8 @@ class DPAdam(DPOptimizerMixin, keras.optimizers.Adam):
 
 # The per-example clipping engines (see `DPOptimizerMixin`).
 CLIPPING = ("auto", "fast", "vectorized")
+# The samplings an optimizer can be calibrated for (`keras_dpscale.sampling`).
+PLANNED_SAMPLING = ("poisson", "shuffle", "unknown")
 
 
 def is_private(optimizer):

@@ -104,35 +104,38 @@ def test_large_delta_warns():
         accounting.compute_epsilon(1.0, 10, 1000, 10, delta=1e-3)
 
 
-def test_shuffle_warns_once_and_has_an_assumption_free_bound():
-    accounting._warn_shuffle_once.cache_clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        poisson = accounting.compute_epsilon(1.0, 100, 10_000, 500, 1e-5)
-        shuffle = accounting.compute_epsilon(
-            1.0, 100, 10_000, 500, 1e-5, sampling="shuffle"
-        )
-        accounting.compute_epsilon(
-            1.0, 100, 10_000, 50, 1e-5, sampling="shuffle"
-        )
-    assert shuffle == poisson  # the Poisson analysis, assumed ...
-    assert (
-        sum("assumption" in str(w.message) for w in caught) == 1
-    )  # ... said once
-    loose = accounting.compute_epsilon(
-        1.0, 100, 10_000, 500, 1e-5, sampling="shuffle", amplification=False
-    )
-    # 500 steps of 100 steps per epoch: 5 full releases of a Gaussian.
-    direct = (
+def gaussian_releases(sigma, releases, delta=1e-5):
+    return (
         dp_accounting.pld.PLDAccountant()
         .compose(
             dp_accounting.SelfComposedDpEvent(
-                dp_accounting.GaussianDpEvent(1.0), 5
+                dp_accounting.GaussianDpEvent(sigma), releases
             )
         )
-        .get_epsilon(1e-5)
+        .get_epsilon(delta)
     )
-    assert loose == pytest.approx(direct) and loose > 5 * poisson
+
+
+def test_each_sampling_has_its_own_honest_event():
+    poisson = accounting.compute_epsilon(1.0, 100, 10_000, 500, 1e-5)
+    # Shuffled batches: 500 steps of 100 steps per pass: at most 5 releases
+    # of a Gaussian per example, and no amplification.
+    shuffle = accounting.compute_epsilon(
+        1.0, 100, 10_000, 500, 1e-5, sampling="shuffle"
+    )
+    assert shuffle == pytest.approx(gaussian_releases(1.0, 5))
+    assert shuffle > 5 * poisson
+    # A partial pass counts whole; floor(N/B) steps make a pass.
+    assert accounting.releases(300, 1000, 7, "shuffle") == 3
+    # A pipeline the library cannot see into, or a public sample: every
+    # example may be in every step.
+    for kind in ("unknown", "public"):
+        eps = accounting.compute_epsilon(
+            1.0, 100, 10_000, 50, 1e-5, sampling=kind
+        )
+        assert eps == pytest.approx(gaussian_releases(1.0, 50))
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        accounting.compute_epsilon(1.0, 100, 10_000, 5, 1e-5, sampling="x")
 
 
 def test_heterogeneous_ledger_composes_its_segments():
@@ -170,12 +173,47 @@ def test_remaining_steps_after_a_ledger():
 
 
 def test_truncation_delta_is_one_plus_e_eps_times_overflow_mass():
-    segments = [
-        accounting.Segment(1.0, 256, "poisson", 100, 300),
-        accounting.Segment(1.0, 256, "shuffle", 100, 256),  # no truncation
-    ]
     p = accounting.poisson_overflow_probability(60_000, 256, 300)
     assert 0 < p < 1e-2
-    got = accounting.truncation_delta(segments, 60_000, 2.0)
+    segments = [
+        accounting.Segment(1.0, 256, "poisson", 100, 300, 60_000, p),
+        accounting.Segment(1.0, 256, "shuffle", 100, 256, 60_000),
+    ]
+    got = accounting.truncation_delta(segments, 2.0)
     assert got == pytest.approx((1 + math.exp(2.0)) * 100 * p)
-    assert accounting.truncation_delta(segments[1:], 60_000, 2.0) == 0.0
+    assert accounting.truncation_delta(segments[1:], 2.0) == 0.0
+
+
+def test_segments_carry_their_own_dataset_size():
+    # Steps on a smaller dataset (a larger q) cost more: each segment is
+    # accounted with its own N, the argument only fills in a missing one.
+    a = accounting.Segment(1.0, 100, "poisson", 50, num_examples=1000)
+    b = accounting.Segment(1.0, 100, "poisson", 50)
+    assert accounting.ledger_epsilon([a], 10_000, 1e-5) == pytest.approx(
+        accounting.compute_epsilon(1.0, 100, 1000, 50, 1e-5)
+    )
+    assert accounting.ledger_epsilon([b], 10_000, 1e-5) == pytest.approx(
+        accounting.compute_epsilon(1.0, 100, 10_000, 50, 1e-5)
+    )
+    with pytest.raises(ValueError, match="num_examples"):
+        accounting.ledger_epsilon([b], None, 1e-5)
+
+
+def test_statement_names_assumptions_and_what_is_not_covered():
+    segments = [
+        accounting.Segment(1.0, 100, "poisson", 10, 120, 1000, 1e-18),
+        accounting.Segment(1.0, 100, "unknown", 5, 100, 1000, 0.0, True),
+    ]
+    text = accounting.privacy_statement(
+        segments,
+        1e-5,
+        non_private_steps=7,
+        not_covered=["the statistics of layer 'n'"],
+    )
+    assert "15 DP steps" in text
+    assert "secret sample" in text and "cannot see into" in text
+    assert "the user's claim" in text
+    assert "7 steps of a non-DP optimizer" in text
+    assert "Not covered: the statistics of layer 'n'" in text
+    empty = accounting.privacy_statement([], 1e-5)
+    assert "No DP step" in empty and "do not depend" not in empty

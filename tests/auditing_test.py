@@ -323,10 +323,10 @@ def test_planted_bug_noise_skipped_when_accumulating(monkeypatch):
     """A DP step that forgets the noise on the gradient-accumulation path."""
     real = optimizers.DPOptimizerMixin._apply_noisy_mean
 
-    def buggy_apply(self, grad_sum, variables, batch_size, rows):
+    def buggy_apply(self, grad_sum, variables, batch_size, rows, record):
         if self.accumulation_steps == 1:
-            return real(self, grad_sum, variables, batch_size, rows)
-        self._record_step(self._noise_multiplier_var, batch_size, rows)
+            return real(self, grad_sum, variables, batch_size, rows, record)
+        record(self._noise_multiplier_var, batch_size, self.num_examples, rows)
         super(optimizers.DPOptimizerMixin, self).apply(
             [g / batch_size for g in grad_sum], variables
         )
@@ -405,3 +405,40 @@ def test_audit_tool_writes_the_report(tmp_path):
     assert report["m"] == 100 and report["confidence"] == 0.95
     assert report["epsilon_lower_bound"] <= report["claimed_epsilon"]
     assert (out / "scores.png").stat().st_size > 0
+
+
+KNOWN_SAMPLING = dict(
+    num_canaries=500,
+    num_ordinary=64,
+    steps=100,
+    sampling_rate=0.05,
+    target_epsilon=0.5,
+    delta=DELTA,
+    noise_seed=7,
+    seed=0,
+    sampling_seed=1234,
+    adversary="knows_sampling",
+)
+
+
+def test_an_adversary_who_knows_the_sample_breaks_only_the_old_accounting(
+    monkeypatch,
+):
+    # Honest: a sample from a public seed is accounted without amplification.
+    honest = auditing.whitebox_audit(**KNOWN_SAMPLING)
+    assert "public seed" in honest.settings["privacy_statement"]
+    assert honest.epsilon_lower_bound <= honest.claimed_epsilon
+    # The old behaviour (the seed of the config drew the sample, and the
+    # ledger counted it as secret Poisson sampling) is caught.
+    monkeypatch.setattr(
+        auditing.runs,
+        "sampling_of",
+        lambda seed: keras_dpscale.sampling.Sampling("poisson"),
+    )
+    old = auditing.whitebox_audit(**KNOWN_SAMPLING)
+    assert old.claimed_epsilon == pytest.approx(0.5, rel=0.01)
+    assert old.epsilon_lower_bound > old.claimed_epsilon
+    with pytest.raises(ValueError, match="secret sample cannot be known"):
+        auditing.whitebox_audit(
+            **dict(KNOWN_SAMPLING, sampling_seed=None, steps=1)
+        )

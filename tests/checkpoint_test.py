@@ -102,7 +102,6 @@ class Snapshot(keras.callbacks.Callback):
         self.values.append(all_values(self.model))
 
 
-@pytest.mark.filterwarnings("ignore:The data come in shuffled")
 def test_round_trip_restores_every_variable(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(N, 6)).astype("float32")
@@ -121,14 +120,15 @@ def test_round_trip_restores_every_variable(tmp_path):
         ],
     )
     opt = model.optimizer
-    assert int(opt.iterations) == 8  # 2 epochs of 8 batches, 2 per step
+    # 2 epochs of round(N / B) = 8 Poisson steps of 2 physical batches each.
+    assert int(opt.iterations) == 16
     assert len(checkpoint.checkpoints(tmp_path)) == 2  # keep=2
 
     fresh = dense_model(seed=1)
     fresh.optimizer.build(fresh.trainable_variables)
     before = all_values(fresh)
     state = checkpoint.restore(fresh, tmp_path)
-    assert (state.step, state.epoch, state.batch) == (8, 2, 0)
+    assert (state.step, state.epoch, state.batch) == (16, 2, 0)
     restored = all_values(fresh)
     assert len(restored) == len(snapshot.values[-1])
     changed = 0
@@ -136,12 +136,13 @@ def test_round_trip_restores_every_variable(tmp_path):
         np.testing.assert_array_equal(want, got)
         changed += not np.array_equal(got, old)
     # Weights, seed state, iterations, momenta, EMA, ledger, micro-step:
-    # all differ from a fresh model's (the empty accumulators do not).
-    assert changed >= len(restored) - 4 - 2  # 4 accumulators, lr, sigma
+    # all differ from a fresh model's (the empty accumulators do not, nor
+    # lr, sigma, the ledger's count of non-DP steps and its sampling now).
+    assert changed >= len(restored) - 4 - 2 - 2
     new = fresh.optimizer
-    assert int(new.iterations) == 8 and int(new._micro_step) == 16
-    assert new.privacy_ledger() == opt.privacy_ledger()
-    assert new.epsilon() == opt.epsilon()
+    assert int(new.iterations) == 16 and int(new._micro_step) == 32
+    assert fresh.privacy_ledger() == model.privacy_ledger()
+    assert fresh.epsilon() == model.epsilon()
     ema = new._model_variables_moving_average[0].numpy()
     assert not np.array_equal(ema, fresh.trainable_variables[0].numpy())
     for s in new._grad_sums:
@@ -160,7 +161,9 @@ def test_round_trip_restores_every_variable(tmp_path):
 # Trains on Poisson batches for 3 epochs of 4 logical steps (2 physical
 # batches each), checkpointing every step; resumes from argv[1] if it holds
 # a checkpoint; SIGKILLs itself after physical batch argv[2] (0: never);
-# writes the outcome to argv[3].
+# writes the outcome to argv[3]. argv[4]: "public" (a sample from a public
+# seed, for an exact comparison of weights) or "secret" (the default
+# pipeline: a resumed run draws a fresh sample of the steps left).
 CHILD = """
 import dataclasses, json, os, signal, sys
 import keras, numpy as np
@@ -168,6 +171,7 @@ import keras_dpscale as kd
 from keras_dpscale import checkpoint, data
 
 directory, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+mode = sys.argv[4]
 N, B, K, STEPS, EPOCHS = 64, 16, 2, 4, 3
 keras.utils.set_random_seed(0)
 rng = np.random.default_rng(0)
@@ -199,10 +203,18 @@ class Kill(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-stream = data.poisson_dataset(
-    images, labels, B, seed=1, steps=STEPS * EPOCHS, accumulation_steps=K)
+if mode == "public":  # the same stream, from this epoch's start
+    stream = data.poisson_dataset(
+        images, labels, B, steps=STEPS * EPOCHS, accumulation_steps=K,
+        public_sampling_seed=1)
+    stream = kd.sampling.attach(stream.skip(epoch * STEPS * K),
+                                kd.sampling.of(stream))
+else:  # a fresh secret sample of the steps left from this epoch's start
+    stream = data.poisson_dataset(
+        images, labels, B, steps=(EPOCHS - epoch) * STEPS,
+        accumulation_steps=K)
 model.fit(
-    stream.skip(epoch * STEPS * K),  # the stream from this epoch's start
+    stream,
     epochs=EPOCHS,
     initial_epoch=epoch,
     steps_per_epoch=STEPS * K,
@@ -213,14 +225,14 @@ with open(out, "w") as f:
     json.dump({
         "resumed_from": None if state is None else state.step,
         "iterations": int(opt.iterations),
-        "ledger": [dataclasses.asdict(s) for s in opt.privacy_ledger()],
-        "epsilon": opt.epsilon(),
+        "ledger": [dataclasses.asdict(s) for s in model.privacy_ledger()],
+        "epsilon": model.epsilon(),
         "weights": [v.numpy().tolist() for v in model.variables],
     }, f)
 """
 
 
-def start_child(directory, kill_at, out):
+def start_child(directory, kill_at, out, mode="public"):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
@@ -229,7 +241,15 @@ def start_child(directory, kill_at, out):
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(directory), str(kill_at), str(out)],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(directory),
+            str(kill_at),
+            str(out),
+            mode,
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -268,3 +288,18 @@ def test_killed_run_resumes_to_the_same_steps_and_epsilon(tmp_path):
     # run ends where the uninterrupted one does.
     for w, g in zip(want["weights"], got["weights"]):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_killed_run_with_a_secret_sample_resumes_without_replaying(tmp_path):
+    killed = start_child(tmp_path / "run", 11, tmp_path / "k.json", "secret")
+    finish(killed, -signal.SIGKILL)
+    resumed = start_child(tmp_path / "run", 0, tmp_path / "r.json", "secret")
+    finish(resumed)
+    got = json.loads((tmp_path / "r.json").read_text())
+    # Steps 1-5 before the kill, 6-12 after it from a fresh sample: each
+    # counted once, as Poisson steps, whose epsilon is that of 12 steps.
+    assert got["resumed_from"] == 5 and got["iterations"] == 12
+    (segment,) = got["ledger"]
+    assert (segment["sampling"], segment["steps"]) == ("poisson", 12)
+    want = kd.accounting.compute_epsilon(1.0, 16, 64, 12, 1e-3)
+    assert got["epsilon"] == pytest.approx(want)

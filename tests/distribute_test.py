@@ -71,7 +71,7 @@ with strategy.scope():
 before = [v.numpy() for v in model.trainable_variables]
 model.fit(strategy.distribute_datasets_from_function(dataset_fn),
           steps_per_epoch=2, epochs=1, verbose=0)
-np.savez(out, epsilon=model.optimizer.epsilon(),
+np.savez(out, epsilon=model.epsilon(),
          steps=int(model.optimizer.iterations.numpy()),
          *[v.numpy() - b for v, b in zip(model.trainable_variables, before)])
 """

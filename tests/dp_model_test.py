@@ -12,6 +12,7 @@ import scipy.stats
 import tensorflow as tf
 
 import keras_dpscale as kd
+from keras_dpscale import accounting
 from tests.conftest import LOSS
 from tests.conftest import inputs_for
 from tests.conftest import reference_clipped_sum
@@ -226,15 +227,28 @@ def test_sample_and_class_weights_raise():
         )
 
 
-def test_numpy_fit_with_partial_last_batch():
-    model = compile_dp(conv_dp_model(), noise_multiplier=0.0)
-    x, y = inputs_for(model, 20)
-    try:
-        model.fit(x, y, batch_size=8, verbose=0)
-    except ValueError as e:
-        assert "batch_size=B" in str(e)
-    else:  # Keras gave static shapes; the divisor must be the fixed 8.
-        assert int(model.optimizer.iterations) == 3
+def test_fit_on_arrays_samples_poisson_batches_and_accounts_for_them():
+    # The first thing a Keras user types: the library draws the batches
+    # (Poisson, secret) and the ledger records exactly that.
+    model = compile_dp(conv_dp_model(), target_delta=1e-5)
+    x, y = inputs_for(model, 40)
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    opt = model.optimizer
+    assert (opt.batch_size, opt.num_examples) == (8, 40)
+    (segment,) = model.privacy_ledger()
+    assert (segment.sampling, segment.steps, segment.batch_size) == (
+        "poisson",
+        10,
+        8,
+    )
+    assert segment.max_batch_size > 8 and segment.num_examples == 40
+    want = accounting.compute_epsilon(1.0, 8, 40, 10, 1e-5)
+    assert history.history["epsilon"][-1] == pytest.approx(want)
+    # Arrays that contradict the optimizer's settings raise.
+    with pytest.raises(ValueError, match="num_examples=40"):
+        model.fit(x[:20], y[:20], batch_size=8, verbose=0)
+    with pytest.raises(ValueError, match="batch_size=8"):
+        model.fit(x, y, batch_size=4, verbose=0)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -260,8 +274,8 @@ def test_save_and_load_round_trip(tmp_path):
     for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert int(loaded.optimizer.iterations) == 2
-    assert loaded.optimizer.privacy_ledger() == model.optimizer.privacy_ledger()
-    assert loaded.optimizer.epsilon() == model.optimizer.epsilon() > 0
+    assert loaded.privacy_ledger() == model.privacy_ledger()
+    assert loaded.epsilon() == model.epsilon() > 0
     loaded.fit(dataset(x, y, 8), epochs=1, verbose=0)
     assert int(loaded.optimizer.iterations) == 4
 
@@ -352,7 +366,7 @@ def train(strategy, model_fn, x, y, sigma, clip, accumulation_steps=1,
         len(x) // accumulation_steps, drop_remainder=True)
     model.fit(ds, verbose=0)
     update = [v.numpy() - b for v, b in zip(model.trainable_variables, before)]
-    return update, model.optimizer
+    return update, model
 
 single = tf.distribute.OneDeviceStrategy("CPU:0")
 multi = tf.distribute.MirroredStrategy([f"CPU:{i}" for i in range(R)])
@@ -364,10 +378,11 @@ mlp = lambda: kd.DPSequential([keras.Input((6,)),
 out = {}
 # The clipped part (sigma = 0; C below most norms so that clipping acts).
 one, _ = train(single, mlp, x, y, 0.0, 0.05)
-many, opt = train(multi, mlp, x, y, 0.0, 0.05)
+many, dp = train(multi, mlp, x, y, 0.0, 0.05)
+opt = dp.optimizer
 out["clipped_max_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(one, many))
 out["clipped_scale"] = max(float(np.max(np.abs(a))) for a in one)
-out["ledger"] = [dataclasses.asdict(s) for s in opt.privacy_ledger()]
+out["ledger"] = [dataclasses.asdict(s) for s in dp.privacy_ledger()]
 out["iterations"] = int(opt.iterations.numpy())
 # Both clipping engines, replicated, on a conv model with GroupNorm.
 convnet = lambda: kd.DPSequential([keras.Input((6, 6, 2)),
@@ -394,8 +409,10 @@ out["ks_p_sqrt_r"] = float(scipy.stats.kstest(
 from keras_dpscale import accounting, data
 images = rng.integers(0, 256, (200, 8, 8, 1)).astype(np.uint8)
 poisson = multi.distribute_datasets_from_function(
-    lambda ctx: data.poisson_dataset(images, np.arange(200) % 3, 20, seed=1,
+    lambda ctx: data.poisson_dataset(images, np.arange(200) % 3, 20,
                                      steps=3, num_views=2, input_context=ctx))
+drawn = data.poisson_dataset(images, np.arange(200) % 3, 20, steps=3)
+kd.sampling.attach(poisson, kd.sampling.of(drawn))
 with multi.scope():
     model = kd.DPSequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
                              keras.layers.Dense(3)])
@@ -406,9 +423,11 @@ with multi.scope():
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 model.fit(poisson, steps_per_epoch=3, verbose=0)
 out["poisson_ledger"] = [dataclasses.asdict(s)
-                         for s in model.optimizer.privacy_ledger()]
+                         for s in model.privacy_ledger()]
 m = accounting.poisson_max_batch_size(200, 20, 1e-18)
 out["poisson_rows"] = R * -(-m // R)
+out["poisson_overflow"] = accounting.poisson_overflow_probability(
+    200, 20, out["poisson_rows"])
 # Accumulation across replicas is refused for now, before any update.
 try:
     train(multi, mlp, x, y, 1.0, 1.0, accumulation_steps=2)
@@ -443,9 +462,12 @@ def test_replicas_share_one_noise_draw(replicas):
         dict(
             noise_multiplier=0.0,
             batch_size=16,
-            sampling="shuffle",
+            sampling="unknown",  # a pipeline of the test's own
             steps=1,
             max_batch_size=16,
+            num_examples=None,
+            overflow_probability=0.0,
+            declared=False,
         )
     ]
     # Poisson: the ledger holds the padded size of the global batch.
@@ -456,6 +478,9 @@ def test_replicas_share_one_noise_draw(replicas):
             sampling="poisson",
             steps=3,
             max_batch_size=out["poisson_rows"],
+            num_examples=200,
+            overflow_probability=pytest.approx(out["poisson_overflow"]),
+            declared=False,
         )
     ]
     # Noise std sigma*C/B, once: not R draws (sqrt(R) times larger).
@@ -484,15 +509,35 @@ def test_padded_rows_of_a_poisson_batch_contribute_nothing():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
 
 
-def test_sampling_must_match_the_batches():
+def test_masked_batches_need_a_public_batch_size():
     x, y = inputs_for(tiny_models()[1], 8)
-    mask = np.ones(8, "float32")
-    shuffle = compile_dp(conv_dp_model())
-    with pytest.raises(ValueError, match="sampling must say"):
-        shuffle.fit(masked(x, y, mask), verbose=0)
-    poisson = compile_dp(conv_dp_model(), sampling="poisson", batch_size=8)
-    with pytest.raises(ValueError, match="sampling must say"):
-        poisson.fit(dataset(x, y, 8), verbose=0)
+    model = compile_dp(conv_dp_model())
+    with pytest.raises(ValueError, match="need batch_size=B"):
+        model.fit(masked(x, y, np.ones(8, "float32")), verbose=0)
+
+
+def test_mask_values_other_than_zero_and_one_are_refused():
+    # A mask of 2 would be a per-example weight applied after clipping.
+    x, y = inputs_for(tiny_models()[1], 8)
+    model = compile_dp(conv_dp_model(), noise_multiplier=0.0, batch_size=8)
+    before = [v.numpy() for v in model.trainable_variables]
+    weights = np.array([2, 1, 1, 1, 1, 1, 1, 0.5], "float32")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="0 .padding."):
+        model.fit(masked(x, y, weights), verbose=0)
+    for v, b in zip(model.trainable_variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+    # Where fit cannot see the data (train_on_batch), a row counts only if
+    # its mask is exactly 1: the weighted rows are dropped, not scaled.
+    model.train_on_batch(x, y, sample_weight={"dp_mask": weights})
+    keep = weights == 1
+    reference = compile_dp(conv_dp_model(), noise_multiplier=0.0, batch_size=8)
+    for v, b in zip(reference.trainable_variables, before):
+        v.assign(b)
+    reference.train_on_batch(
+        x, y, sample_weight={"dp_mask": keep.astype("float32")}
+    )
+    for a, b in zip(model.trainable_variables, reference.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
 
 
 class BatchMean(keras.layers.Layer):

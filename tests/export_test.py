@@ -137,8 +137,8 @@ def exported(tmp_path_factory):
         expected_raw=expected_raw,
         record_ema=record_ema,
         record_raw=record_raw,
-        epsilon=optimizer.epsilon(),
-        statement=optimizer.privacy_statement(),
+        epsilon=model.epsilon(),
+        statement=model.privacy_statement(),
         fresh=json.loads(stdout.strip().splitlines()[-1]),
         ema_dir=ema_dir,
         raw_dir=raw_dir,
@@ -177,8 +177,10 @@ def test_privacy_record_in_asset_variable_and_signature(exported):
         "steps": 3,
         "batch_size": 8,
         "num_examples": 64,
-        "sampling": "shuffle",
+        "sampling": "unknown",  # train_on_batch: outside fit's knowledge
         "accountant": "pld",
+        "non_private_steps": 0,
+        "not_covered": [],
         "statement": exported["statement"],
         "ema_weights": True,
         "ema_momentum": 0.5,
@@ -190,9 +192,12 @@ def test_privacy_record_in_asset_variable_and_signature(exported):
         {
             "noise_multiplier": 1.0,
             "batch_size": 8,
-            "sampling": "shuffle",
+            "sampling": "unknown",
             "steps": 3,
             "max_batch_size": 8,
+            "num_examples": 64,
+            "overflow_probability": 0.0,
+            "declared": False,
         }
     ]
     served = exported["fresh"][exported["ema_dir"]]
@@ -212,19 +217,24 @@ def test_no_ema_exports_the_raw_weights(exported):
     )
 
 
-def test_a_model_without_a_dp_optimizer_is_refused(tmp_path):
+def test_a_model_without_a_privacy_record_is_refused(tmp_path):
     model = tiny_models()[1]
-    with pytest.raises(ValueError, match="DP optimizer"):
+    with pytest.raises(ValueError, match="DP model"):
         kd.export_saved_model(model, str(tmp_path / "uncompiled"))
     model.compile(optimizer=keras.optimizers.SGD(), loss=LOSS)
-    with pytest.raises(ValueError, match="DP optimizer"):
+    with pytest.raises(ValueError, match="DP model"):
         kd.export_saved_model(model, str(tmp_path / "sgd"))
     dp = kd.make_private(tiny_models()[1])
-    dp.compile(optimizer=kd.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0))
+    dp.compile(
+        optimizer=kd.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0), loss=LOSS
+    )
+    with pytest.raises(ValueError, match="delta"):
+        kd.export_saved_model(dp, str(tmp_path / "no_delta"))
+    dp.train_on_batch(*inputs_for(dp, 4))
     with pytest.raises(ValueError, match="num_examples"):
-        kd.export_saved_model(dp, str(tmp_path / "no_n"))
-    assert not os.path.exists(tmp_path / "sgd")
-    assert not os.path.exists(tmp_path / "no_n")
+        kd.export_saved_model(dp, str(tmp_path / "no_n"), delta=1e-5)
+    for name in ("sgd", "no_delta", "no_n"):
+        assert not os.path.exists(tmp_path / name)
 
 
 def test_untrained_dp_model_exports_epsilon_zero(tmp_path):
@@ -242,6 +252,10 @@ def test_untrained_dp_model_exports_epsilon_zero(tmp_path):
     record = kd.export_saved_model(model, str(tmp_path), delta=1e-6)
     assert (record["epsilon"], record["steps"], record["delta"]) == (0, 0, 1e-6)
     assert record["ledger"] == [] and record["ema_weights"] is False
+    # It never claims that the weights do not depend on the data: only that
+    # no DP step is recorded, and what the user must vouch for.
+    assert "No DP step is recorded" in record["statement"]
+    assert "the user's claim" in record["statement"]
     with open(tmp_path / "assets" / "privacy.json") as f:
         assert json.load(f) == record
     x = inputs_for(model, 3)[0]

@@ -30,7 +30,7 @@ def example_ids(x, mask):
 def test_inclusion_rate_and_mean_batch_size():
     images, labels = arrays()
     steps = 400
-    ds = data.poisson_dataset(images, labels, B, seed=1, steps=steps)
+    ds = data.poisson_dataset(images, labels, B, steps=steps)
     counts = np.zeros(N)
     sizes = []
     rows = None
@@ -50,18 +50,44 @@ def test_inclusion_rate_and_mean_batch_size():
     assert 0.7 < counts.var() / (steps * q * (1 - q)) < 1.3
 
 
-def test_same_seed_same_batches_and_views():
+def samples(ds):
+    return [tuple(sorted(example_ids(x, m["dp_mask"]))) for x, _, m in ds]
+
+
+def test_the_sample_is_secret_and_fresh_for_every_pass():
+    # Item 3: the sample is not a function of the (public) seed; item 4:
+    # iterating the same stream again draws a new sample, never a replay.
     images, labels = arrays()
-    a = next(iter(data.poisson_dataset(images, labels, B, 3, num_views=2)))
-    b = next(iter(data.poisson_dataset(images, labels, B, 3, num_views=2)))
-    np.testing.assert_array_equal(a[0], b[0])
-    assert a[0].shape[1:] == (2, 8, 8, 1)
+    ds = data.poisson_dataset(images, labels, B, seed=0, steps=3)
+    again = data.poisson_dataset(images, labels, B, seed=0, steps=3)
+    assert kd.sampling.of(ds) == kd.sampling.Sampling(
+        "poisson", kd.sampling.of(ds).overflow_probability
+    )
+    first, second, other = samples(ds), samples(ds), samples(again)
+    assert len(first) == 3
+    assert not set(first) & set(second)  # q^B chance of a repeat: none
+    assert not set(first) & set(other)
+
+
+def test_public_sampling_seed_is_reproducible_and_marked_public():
+    images, labels = arrays()
+    a = data.poisson_dataset(
+        images, labels, B, 3, num_views=2, public_sampling_seed=5
+    )
+    b = data.poisson_dataset(
+        images, labels, B, 3, num_views=2, public_sampling_seed=5
+    )
+    xa, xb = next(iter(a))[0], next(iter(b))[0]
+    np.testing.assert_array_equal(xa, xb)  # same sample, same views
+    assert xa.shape[1:] == (2, 8, 8, 1)
+    assert kd.sampling.of(a).kind == "public"
+    assert not kd.sampling.of(a).amplified
 
 
 def test_overflow_keeps_at_most_the_padded_size():
     images, labels = arrays()
     ds = data.poisson_dataset(
-        images, labels, B, 4, steps=50, overflow_probability=0.3
+        images, labels, B, steps=50, overflow_probability=0.3
     )
     sizes = [float(tf.reduce_sum(m["dp_mask"])) for _, _, m in ds]
     rows = accounting.poisson_max_batch_size(N, B, 0.3)
@@ -71,10 +97,11 @@ def test_overflow_keeps_at_most_the_padded_size():
 
 def test_accumulation_cuts_a_logical_batch_into_physical_ones():
     images, labels = arrays()
-    logical = list(data.poisson_dataset(images, labels, B, 5, steps=2))
+    seed = dict(public_sampling_seed=5)
+    logical = list(data.poisson_dataset(images, labels, B, steps=2, **seed))
     physical = list(
         data.poisson_dataset(
-            images, labels, B, 5, steps=2, accumulation_steps=2
+            images, labels, B, steps=2, accumulation_steps=2, **seed
         )
     )
     assert len(physical) == 4
@@ -93,50 +120,51 @@ def test_accumulation_cuts_a_logical_batch_into_physical_ones():
 
 
 @pytest.mark.parametrize("replicas, pipelines", [(2, 1), (4, 2)])
-def test_replicas_and_hosts_share_one_global_sample(replicas, pipelines):
+def test_hosts_sample_their_own_shards_into_one_poisson_sample(
+    replicas, pipelines
+):
+    # Each input pipeline samples the examples it owns (index mod P) from
+    # its own secret: the union is a Poisson sample of all N examples, with
+    # no secret shared between hosts.
     images, labels = arrays()
-    single = list(
-        data.poisson_dataset(
-            images, labels, B, 7, steps=3, accumulation_steps=2
+    steps = 150
+    per_pipeline = []
+    for p in range(pipelines):
+        ctx = tf.distribute.InputContext(
+            num_input_pipelines=pipelines,
+            input_pipeline_id=p,
+            num_replicas_in_sync=replicas,
         )
-    )
-    per_pipeline = [
-        list(
-            data.poisson_dataset(
-                images,
-                labels,
-                B,
-                7,
-                steps=3,
-                accumulation_steps=2,
-                input_context=tf.distribute.InputContext(
-                    num_input_pipelines=pipelines,
-                    input_pipeline_id=p,
-                    num_replicas_in_sync=replicas,
-                ),
+        ds = data.poisson_dataset(
+            images,
+            labels,
+            B,
+            steps=steps,
+            accumulation_steps=2,
+            input_context=ctx,
+        )
+        batches = list(ds)
+        per_step = 2 * replicas // pipelines
+        assert len(batches) == steps * per_step
+        rows = {len(m["dp_mask"]) for _, _, m in batches}
+        assert len(rows) == 1  # every replica gets the same padded size
+        ids = [
+            np.concatenate(
+                [
+                    example_ids(x, m["dp_mask"])
+                    for x, _, m in batches[t * per_step : (t + 1) * per_step]
+                ]
             )
-        )
-        for p in range(pipelines)
-    ]
-    local = replicas // pipelines
-    per_step = 2 * local  # accumulation_steps x local replicas
-    for step in range(3):
-        want = np.concatenate(
-            [
-                example_ids(x, m["dp_mask"])
-                for x, _, m in single[2 * step : 2 * step + 2]
-            ]
-        )
-        got = []
-        for batches in per_pipeline:
-            assert len(batches) == 3 * per_step
-            for x, _, m in batches[step * per_step : (step + 1) * per_step]:
-                got.append(example_ids(x, m["dp_mask"]))
-        got = np.concatenate(got)
-        assert len(set(got)) == len(got)  # no example on two replicas
-        # Rows are rounded to a multiple of k * replicas, so the order may
-        # differ from one host's; the sample is the same.
-        np.testing.assert_array_equal(np.sort(got), np.sort(want))
+            for t in range(steps)
+        ]
+        assert all(np.all(i % pipelines == p) for i in ids)
+        per_pipeline.append(ids)
+    counts = np.zeros(N)
+    for t in range(steps):
+        step = np.concatenate([ids[t] for ids in per_pipeline])
+        assert len(set(step)) == len(step)  # no example twice in a step
+        counts[step] += 1
+    assert abs(counts.mean() / steps - B / N) < 0.005
 
 
 class ListSource:
@@ -165,7 +193,7 @@ def test_source_dataset_reads_only_the_sampled_examples():
         return data.normalize(tf.image.resize(image, (8, 8), "nearest"))
 
     ds = data.poisson_source_dataset(
-        source, B, seed=8, preprocess=preprocess, steps=20, num_views=2,
+        source, B, preprocess=preprocess, steps=20, num_views=2,
         augment=lambda x, seed: x,
     )  # fmt: skip
     sizes = []
@@ -194,7 +222,7 @@ def test_overflow_probability_and_max_batch_size():
 def test_dp_training_on_poisson_batches_is_accounted(accumulation_steps):
     images, labels = arrays()
     ds = data.poisson_dataset(
-        images, labels, B, 6, steps=6, accumulation_steps=accumulation_steps
+        images, labels, B, steps=6, accumulation_steps=accumulation_steps
     )
     model = kd.DPSequential(
         [keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)]
@@ -213,15 +241,15 @@ def test_dp_training_on_poisson_batches_is_accounted(accumulation_steps):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     history = model.fit(ds, epochs=1, verbose=0)
-    opt = model.optimizer
     rows = accounting.poisson_max_batch_size(N, B, 1e-18)
     rows = accumulation_steps * -(-rows // accumulation_steps)
-    assert opt.privacy_ledger() == [
-        accounting.Segment(1.0, B, "poisson", 6, rows)
+    overflow = accounting.poisson_overflow_probability(N, B, rows)
+    assert model.privacy_ledger() == [
+        accounting.Segment(1.0, B, "poisson", 6, rows, N, overflow)
     ]
     want = accounting.compute_epsilon(1.0, B, N, 6, 1e-5)
     assert history.history["epsilon"][-1] == pytest.approx(want)
-    assert "truncation adds" in opt.privacy_statement()
+    assert "truncation adds" in model.privacy_statement()
 
 
 class PoissonArrayRecordTest(tfds.core.GeneratorBasedBuilder):

@@ -6,6 +6,12 @@
     # self-test: a planted bug (noise x 0.1) must be reported as a violation
     python tools/audit.py --config configs/audit_whitebox.gin \
         --plant_bug less_noise
+    # an adversary who knows the sample (its seed is public): honest
+    # accounting holds; the old behaviour (a public seed accounted as a
+    # secret Poisson sample) is reported as a violation
+    python tools/audit.py --config configs/audit_known_sampling.gin
+    python tools/audit.py --config configs/audit_known_sampling.gin \
+        --plant_bug public_sampling_seed
 
 Trains with canaries (`keras_dpscale.auditing`), prints the epsilon that the
 optimizer's ledger claims and the one-run lower bound (Steinke, Nasr &
@@ -33,10 +39,12 @@ flags.DEFINE_string("output_dir", "audit_report", "Where the report goes.")
 flags.DEFINE_enum(
     "plant_bug",
     "none",
-    ["none", "less_noise", "no_clipping"],
-    "Self-test of the auditor only: train with a planted privacy bug (noise "
-    "scaled by 0.1, or no per-example clipping) that the ledger does not "
-    "see; the audit should then report a VIOLATION.",
+    ["none", "less_noise", "no_clipping", "public_sampling_seed"],
+    "Self-test of the auditor only: train with a planted privacy bug that "
+    "the ledger does not see (noise scaled by 0.1; no per-example clipping; "
+    "a sample from a public seed accounted as secret Poisson sampling, the "
+    "library's behaviour before the sample was made secret); the audit "
+    "should then report a VIOLATION.",
 )
 FLAGS = flags.FLAGS
 
@@ -56,6 +64,11 @@ def plant_bug(kind):
         noise.add_gaussian_noise = lambda g, s, seed: real(g, 0.1 * s, seed)
     elif kind == "no_clipping":
         clipping.clip_factors = lambda norms, clip: tf.ones_like(norms)
+    elif kind == "public_sampling_seed":
+        from keras_dpscale import sampling
+        from keras_dpscale.auditing import runs
+
+        runs.sampling_of = lambda seed: sampling.Sampling("poisson")
 
 
 @gin.configurable

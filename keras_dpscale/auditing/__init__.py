@@ -38,7 +38,7 @@ from keras_dpscale.auditing.canaries import draw_inclusion
 from keras_dpscale.auditing.canaries import input_space_canaries
 from keras_dpscale.auditing.runs import AuditResult
 from keras_dpscale.auditing.runs import blackbox_audit
-from keras_dpscale.auditing.runs import poisson_masks
+from keras_dpscale.auditing.runs import poisson_draws
 from keras_dpscale.auditing.runs import train_with_canaries
 from keras_dpscale.auditing.runs import whitebox_audit
 from keras_dpscale.auditing.runs import write_report
@@ -82,7 +82,7 @@ __all__ = [
     "one_run_epsilon_lower_bound",
     "one_run_p_value",
     "OneRunResult",
-    "poisson_masks",
+    "poisson_draws",
     "synthetic_images",
     "train_with_canaries",
     "whitebox_audit",

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import time
 
 import keras
@@ -12,6 +13,7 @@ import tensorflow as tf
 
 from keras_dpscale import dp_model
 from keras_dpscale import optimizers
+from keras_dpscale import sampling as sampling_lib
 from keras_dpscale.auditing.canaries import DiracCanaries
 from keras_dpscale.auditing.canaries import draw_inclusion
 from keras_dpscale.auditing.canaries import input_space_canaries
@@ -24,18 +26,29 @@ from keras_dpscale.data.synthetic import synthetic_images
 # ---------------------------------------------------------------------------
 
 
-def poisson_masks(in_training_set, sampling_rate, steps, seed):
-    """Which rows each step's batch holds: `[steps, rows]` 0/1 float32.
+def poisson_draws(rows, sampling_rate, steps, sampling_seed=None):
+    """Which rows the sample of each step holds if they are in the training
+    set: `[steps, rows]` booleans, each True with probability
+    `sampling_rate`.
 
-    Row j is in the batch of a step with probability `sampling_rate` if it
-    is in the training set, never otherwise (Poisson sampling; rate 1: every
-    step is the whole training set). The batches keep all rows, with a mask,
-    so that their shape is static and does not depend on the data.
+    The draws come from the operating system's entropy (a secret sample,
+    fresh each run), unless `sampling_seed` is given: a public seed, for
+    tests and for the audit of an adversary who knows the sample.
     """
-    in_training_set = np.asarray(in_training_set, dtype=bool)
-    rng = np.random.default_rng([seed, 4])
-    sampled = rng.random((steps, len(in_training_set))) < sampling_rate
-    return (sampled & in_training_set).astype(np.float32)
+    key = secrets.randbits(128) if sampling_seed is None else [sampling_seed, 4]
+    return np.random.default_rng(key).random((steps, rows)) < sampling_rate
+
+
+# The sampling that the optimizer calibrates sigma for, by recorded kind.
+_PLANNED = {"poisson": "poisson", "public": "unknown"}
+
+
+def sampling_of(sampling_seed):
+    """How the audit's batches are drawn (recorded in the model's ledger):
+    a secret Poisson sample, or a public one without amplification."""
+    if sampling_seed is None:
+        return sampling_lib.Sampling("poisson")
+    return sampling_lib.Sampling("public")
 
 
 def train_with_canaries(
@@ -53,19 +66,21 @@ def train_with_canaries(
     delta=1e-5,
     accountant="pld",
     accumulation_steps=1,
-    seed=0,
+    sampling_seed=None,
     noise_seed=None,
+    observe=None,
 ):
     """Trains `model` with the library's DP-SGD on a masked row set.
 
     The candidate rows are the ordinary examples and all m canaries; the
     training set is the rows with `in_training_set` (excluded canaries never
     join a batch). Each step samples the training set with probability
-    `sampling_rate` per row (`poisson_masks`), so the optimizer runs with
+    `sampling_rate` per row (`poisson_draws`), so the optimizer runs with
     `sampling="poisson"`, the logical batch size B = round(q N) and
     num_examples N = the number of candidate rows: public constants that do
     not depend on which canaries are included, as the one-run analysis
-    requires. The accountant's epsilon is then exact for this sampling.
+    requires. The accountant's epsilon is then exact for this sampling (and
+    without amplification when `sampling_seed` makes the sample public).
 
     Args:
         model: a compiled-or-not `DPModel` (it is compiled here).
@@ -80,10 +95,14 @@ def train_with_canaries(
         delta: the delta of the claimed epsilon.
         accumulation_steps: k; each step's rows are cut into k physical
             batches (padded with never-sampled rows to a multiple of k).
-        seed: the seed of the batch sampling.
+        sampling_seed: None (a secret sample) or a public seed.
+        observe: optional `observe() -> array`, called after every logical
+            step (a white-box adversary who sees every iterate).
 
     Returns:
-        The trained model's `DPSGD` optimizer.
+        `(optimizer, draws, observations)`: the trained model's `DPSGD`,
+        the `[steps, rows]` draws of `poisson_draws`, and the list of
+        `observe()` values after each step (empty without `observe`).
     """
     if not 0 < sampling_rate <= 1:
         raise ValueError(
@@ -93,7 +112,8 @@ def train_with_canaries(
     labels = np.asarray(labels)
     rows = len(labels)
     batch_size = max(1, round(sampling_rate * rows))
-    masks = poisson_masks(in_training_set, batch_size / rows, steps, seed)
+    draws = poisson_draws(rows, batch_size / rows, steps, sampling_seed)
+    masks = (draws & np.asarray(in_training_set, bool)).astype(np.float32)
     k = int(accumulation_steps)
     padding = -rows % k  # copies of row 0 that are never sampled
     pad = lambda a: np.concatenate([a, np.repeat(a[:1], padding, 0)])
@@ -112,7 +132,7 @@ def train_with_canaries(
         batch_size=batch_size,
         num_examples=rows,
         target_delta=delta,
-        sampling="poisson",
+        sampling=_PLANNED[sampling_of(sampling_seed).kind],
         accountant=accountant,
         accumulation_steps=k,
         noise_seed=noise_seed,
@@ -133,13 +153,26 @@ def train_with_canaries(
     dataset = tf.data.Dataset.from_tensor_slices(
         (np.arange(steps * k), masks)
     ).map(tf.autograph.experimental.do_not_convert(batch))
-    model.fit(dataset, epochs=1, verbose=0)
+    sampling_lib.attach(dataset, sampling_of(sampling_seed))
+    observations = []
+    callbacks = []
+    if observe is not None:
+        callbacks.append(
+            keras.callbacks.LambdaCallback(
+                on_train_batch_end=lambda batch, logs: (
+                    observations.append(observe())
+                    if (batch + 1) % k == 0
+                    else None
+                )
+            )
+        )
+    model.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
     if int(optimizer.iterations) != steps:
         raise RuntimeError(
             f"Training stopped after {int(optimizer.iterations)} of {steps} "
             "steps (privacy budget?)."
         )
-    return optimizer
+    return optimizer, draws, observations
 
 
 @dataclasses.dataclass
@@ -204,7 +237,7 @@ class AuditResult:
 
 def _audit(
     kind,
-    optimizer,
+    model,
     scores,
     included,
     delta,
@@ -213,13 +246,14 @@ def _audit(
     settings,
     start,
 ):
-    claimed = float(optimizer.epsilon(delta))
+    optimizer = model.optimizer
+    claimed = float(model.epsilon(delta))
     settings = dict(
         settings,
         noise_multiplier=float(optimizer.noise_multiplier),
         batch_size=int(optimizer.batch_size),
         num_examples=int(optimizer.num_examples),
-        privacy_statement=optimizer.privacy_statement(delta),
+        privacy_statement=model.privacy_statement(delta),
     )
     return AuditResult(
         kind=kind,
@@ -252,18 +286,33 @@ def whitebox_audit(
     confidence=0.95,
     guess_counts=None,
     seed=0,
+    sampling_seed=None,
     noise_seed=None,
+    adversary="final",
 ):
     """One-run white-box audit of the DP step with Dirac canaries.
 
     A linear classifier on `num_ordinary` synthetic examples, followed by
     `DiracCanaries(m)`; m canary rows, each included with probability 1/2
     (`draw_inclusion`). Trains with `train_with_canaries` (the real
-    `DPModel` step and `DPSGD`), scores canary i by v_i(T) - v_i(0), and
-    runs `one_run_audit`. With `sampling_rate` 1 the run is the Gaussian
+    `DPModel` step and `DPSGD`), scores each canary, and runs
+    `one_run_audit`. With `sampling_rate` 1 the run is the Gaussian
     mechanism composed T times, whose epsilon the accountant states exactly,
     and the final v is a sufficient statistic for it: the setting in which
     the one-run audit is tightest.
+
+    Two adversaries score canary i:
+
+    - "final": v_i(T) - v_i(0), from the final weights;
+    - "knows_sampling": an adversary who sees every iterate and knows which
+      steps would hold canary i (the sample's seed is public): the sum of
+      canary i's coordinate's moves over those steps only. Its noise is
+      that of the steps holding the canary, not of all T steps, so
+      subsampling amplifies nothing. It needs `sampling_seed` (a secret
+      sample cannot be known); with the library's honest accounting of a
+      public sample the claim stays above its bound, while a ledger that
+      counts such a sample as secret Poisson sampling (the bug this audit
+      shows) is caught.
 
     Args:
         num_canaries: m.
@@ -273,13 +322,23 @@ def whitebox_audit(
             `train_with_canaries`.
         canary_gradient_norm: see `DiracCanaries`.
         confidence, guess_counts: see `one_run_audit`.
-        seed: the seed of the data, the inclusion, the sampling and (through
+        seed: the seed of the data, the inclusion and (through
             `keras.utils.set_random_seed`, a global setting) the model's
-            initialization. The noise has its own `noise_seed`.
+            initialization. The sample has its own `sampling_seed` (None:
+            secret) and the noise its own `noise_seed`.
+        sampling_seed: see `train_with_canaries`.
+        adversary: "final" or "knows_sampling" (see above).
 
     Returns:
         An `AuditResult`.
     """
+    if adversary not in ("final", "knows_sampling"):
+        raise ValueError(f"Unknown adversary {adversary!r}.")
+    if adversary == "knows_sampling" and sampling_seed is None:
+        raise ValueError(
+            "The 'knows_sampling' adversary needs a public sampling_seed: a "
+            "secret sample cannot be known."
+        )
     start = time.time()
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng([seed, 5])
@@ -302,6 +361,15 @@ def whitebox_audit(
         [features, canary_index], canaries([logits, canary_index])
     )
     initial = canaries.canary_weights.numpy().copy()
+
+    def score(draws, iterates):
+        if adversary == "final":
+            return canaries.canary_weights.numpy() - initial
+        # Each step's move of each canary's coordinate, summed over the
+        # steps whose sample would hold that canary.
+        moves = np.diff(np.stack([initial] + iterates), axis=0)
+        return np.sum(moves * draws[:, num_ordinary:], axis=0)
+
     return _train_and_audit(
         "whitebox",
         model,
@@ -309,12 +377,19 @@ def whitebox_audit(
         labels,
         included,
         num_ordinary,
-        score=lambda: canaries.canary_weights.numpy() - initial,
+        score=score,
         training=_training(locals()),
+        observe=(
+            (lambda: canaries.canary_weights.numpy().copy())
+            if adversary == "knows_sampling"
+            else None
+        ),
         settings=dict(
             num_canaries=m,
             num_ordinary=num_ordinary,
             canary_gradient_norm=canary_gradient_norm,
+            adversary=adversary,
+            seed=seed,
         ),
         confidence=confidence,
         guess_counts=guess_counts,
@@ -340,6 +415,7 @@ def blackbox_audit(
     confidence=0.95,
     guess_counts=None,
     seed=0,
+    sampling_seed=None,
     noise_seed=None,
 ):
     """One-run black-box audit with input-space canaries (images).
@@ -359,9 +435,11 @@ def blackbox_audit(
             target_epsilon, delta, accumulation_steps, noise_seed: see
             `train_with_canaries`.
         confidence, guess_counts: see `one_run_audit`.
-        seed: the seed of the data, the inclusion, the sampling and (through
+        seed: the seed of the data, the inclusion and (through
             `keras.utils.set_random_seed`, a global setting) the model's
-            initialization. The noise has its own `noise_seed`.
+            initialization. The sample has its own `sampling_seed` (None:
+            secret) and the noise its own `noise_seed`.
+        sampling_seed: see `train_with_canaries`.
 
     Returns:
         An `AuditResult`.
@@ -382,7 +460,7 @@ def blackbox_audit(
         ]
     )
 
-    def score():  # black box: minus each canary's loss
+    def score(draws, iterates):  # black box: minus each canary's loss
         logits = model.predict(cx, batch_size=1024, verbose=0)
         losses = keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction=None
@@ -402,6 +480,7 @@ def blackbox_audit(
             num_canaries=num_canaries,
             canary_kind=canary_kind,
             num_ordinary=num_ordinary,
+            seed=seed,
         ),
         confidence=confidence,
         guess_counts=guess_counts,
@@ -419,7 +498,7 @@ _TRAINING = (
     "target_epsilon",
     "delta",
     "accumulation_steps",
-    "seed",
+    "sampling_seed",
     "noise_seed",
 )
 
@@ -441,11 +520,15 @@ def _train_and_audit(
     confidence,
     guess_counts,
     start,
+    observe=None,
 ):
-    """Trains on the ordinary rows and the included canaries, then audits."""
+    """Trains on the ordinary rows and the included canaries, then audits.
+
+    `score(draws, iterates)` scores the canaries from the sample's draws
+    and the `observe()` values after each step."""
     in_training_set = np.concatenate([np.ones(num_ordinary, bool), included])
-    optimizer = train_with_canaries(
-        model, inputs, labels, in_training_set, **training
+    _, draws, iterates = train_with_canaries(
+        model, inputs, labels, in_training_set, observe=observe, **training
     )
     public = {
         k: v
@@ -454,8 +537,8 @@ def _train_and_audit(
     }
     return _audit(
         kind,
-        optimizer,
-        score(),
+        model,
+        score(draws, iterates),
         included,
         training["delta"],
         confidence,

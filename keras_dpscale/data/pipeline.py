@@ -2,14 +2,18 @@
 
 `shuffled_dataset` yields `(views [b, K, H, W, C] float32, labels [b])` with K
 augmented views per example (or `[b, H, W, C]` without augmult), from
-shuffled fixed-size batches: train with `DPSGD(sampling="shuffle")`, whose
-epsilon then states the Poisson assumption. Deterministic under `seed`;
-`input_context` (from `strategy.distribute_datasets_from_function`) shards
-the examples per host and gives each replica its share of the batch.
+shuffled fixed-size batches. Each pass over the data holds every example
+once (shuffle, then repeat, then batch), so the dataset is marked
+`sampling.Sampling("shuffle")`: epsilon counts one release per pass, with no
+amplification by sampling (calibrate with `DPSGD(sampling="shuffle")`).
+Deterministic under `seed`; `input_context` (from
+`strategy.distribute_datasets_from_function`) shards the examples per host
+and gives each replica its share of the batch.
 """
 
 import tensorflow as tf
 
+from keras_dpscale import sampling as sampling_lib
 from keras_dpscale.data import augment as augment_lib
 
 
@@ -72,8 +76,11 @@ def shuffled_dataset(
             images = augment_lib.augmult(images, num_views, step_seed, augment)
         return images, labels
 
-    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-        tf.data.AUTOTUNE
+    return sampling_lib.attach(
+        ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+            tf.data.AUTOTUNE
+        ),
+        sampling_lib.Sampling("shuffle"),
     )
 
 

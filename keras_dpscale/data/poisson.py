@@ -6,6 +6,16 @@ For XLA's static shapes the batch is padded to a fixed `max_batch_size` m
 rows, with a mask that gives padding rows exactly zero gradient and loss
 (`DPModel` reads it from `(x, y, {"dp_mask": mask})`).
 
+The sample is secret and fresh. Amplification by sampling holds only if
+nobody can tell which steps hold an example, so the sample is drawn from
+the operating system's entropy (`secrets`) when the dataset is iterated,
+afresh for every iteration (a second `fit`, another epoch over the same
+stream, a resumed run): it is never derived from the public `seed`, never
+written anywhere, and never replayed. `seed` governs the augmentations
+only. `public_sampling_seed=` gives a reproducible sample for tests; the
+dataset is then marked as sampled from a public seed, and the privacy
+statement drops amplification and says so.
+
 Overflow. m is the smallest size with P[Binomial(N, q) > m] <=
 `overflow_probability` (default 1e-18). In the rare step that samples more
 than m examples, a uniformly random m of them are kept. The privacy
@@ -14,36 +24,100 @@ sampling with probability at most T * overflow_probability over T steps,
 which adds (1 + e^epsilon) times that to delta
 (`accounting.truncation_delta`, shown by `privacy_statement()`).
 
-Train with `DPSGD(sampling="poisson", batch_size=B, num_examples=N, ...)`.
-`poisson_dataset` holds the examples in memory (CIFAR, Fashion-MNIST);
+`poisson_dataset` holds images in memory (CIFAR, Fashion-MNIST),
+`arrays_dataset` any arrays (what `DPModel.fit` uses on arrays), and
 `poisson_source_dataset` reads each sampled example by index from a
-random-access source, such as `tfds.data_source("imagenet2012", ...)` (tfds
-datasets prepared in the ArrayRecord format), so ImageNet needs no memory.
+random-access source, such as `tfds.data_source("imagenet2012", ...)`
+(tfds datasets prepared in the ArrayRecord format), so ImageNet needs no
+memory. Each returned dataset carries its `sampling.Sampling`.
 
 Several hosts or replicas (`input_context` of
-`strategy.distribute_datasets_from_function`). Every input pipeline draws
-the same global sample of the step (the seed is shared) and keeps its share
-of the padded logical batch: its replicas' rows of each physical batch.
-Together the replicas see exactly the single-host batch, so the accounting
-(q = B/N, the padded size m, the overflow bound) is that of one host.
+`strategy.distribute_datasets_from_function`). Input pipeline p owns the
+examples i with i mod P = p and samples them itself, each with probability
+q, from its own secret entropy: the union of the pipelines' samples is a
+Poisson sample of the whole dataset, and no secret needs to be shared. Each
+pipeline pads its sample to the same m_p rows (m_p from the largest shard,
+with overflow probability at most `overflow_probability / P`, so the step's
+total is at most `overflow_probability`) and cuts it among its replicas and
+accumulation steps.
 """
 
+import logging
 import math
+import secrets
 
 import numpy as np
 import tensorflow as tf
 
 from keras_dpscale import accounting
-from keras_dpscale.dp_model import MASK
+from keras_dpscale import sampling as sampling_lib
 from keras_dpscale.data import augment as augment_lib
 from keras_dpscale.data import pipeline
+
+_log = logging.getLogger("keras_dpscale")
+
+
+def arrays_dataset(
+    x,
+    y,
+    batch_size,
+    steps=None,
+    accumulation_steps=1,
+    overflow_probability=1e-18,
+    input_context=None,
+    public_sampling_seed=None,
+):
+    """Poisson-sampled, padded batches of in-memory arrays.
+
+    Args:
+        x: an array `[N, ...]` or a nest of them (the model's inputs).
+        y: `[N, ...]` targets, or None.
+        batch_size: B, the expected logical batch size (q = B/N).
+        steps: logical steps (None: forever).
+        accumulation_steps, overflow_probability, input_context,
+            public_sampling_seed: as `poisson_dataset`.
+
+    Returns:
+        A `tf.data.Dataset` of `(x, y, {"dp_mask": mask})` physical batches;
+        padding rows are zeros.
+    """
+    x = tf.nest.map_structure(tf.constant, x)
+    y = None if y is None else tf.nest.map_structure(tf.constant, y)
+    num_examples = int(tf.nest.flatten(x)[0].shape[0])
+    sampler = _Sampler(
+        num_examples,
+        batch_size,
+        accumulation_steps,
+        overflow_probability,
+        input_context,
+        public_sampling_seed,
+    )
+
+    def fetch(indices, _):
+        mask = indices >= 0
+        rows = tf.maximum(indices, 0)
+
+        def take(t):
+            t = tf.gather(t, rows)
+            keep = tf.reshape(mask, [-1] + [1] * (t.shape.rank - 1))
+            return tf.where(keep, t, tf.zeros_like(t))
+
+        batch_x = tf.nest.map_structure(take, x)
+        batch_y = None if y is None else tf.nest.map_structure(take, y)
+        return batch_x, batch_y, {sampling_lib.MASK: tf.cast(mask, tf.float32)}
+
+    return sampler.attach(
+        sampler.index_batches(steps)
+        .map(fetch, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 def poisson_dataset(
     images,
     labels,
     batch_size,
-    seed,
+    seed=0,
     steps=None,
     accumulation_steps=1,
     num_views=None,
@@ -52,14 +126,15 @@ def poisson_dataset(
     mean=0.5,
     std=0.5,
     input_context=None,
+    public_sampling_seed=None,
 ):
-    """Poisson-sampled, padded, optionally augmented batches, from memory.
+    """Poisson-sampled, padded, optionally augmented image batches.
 
     Args:
         images: `[N, H, W, C]` uint8 array.
         labels: `[N]` integer labels.
         batch_size: B, the expected logical batch size (q = B/N).
-        seed: the sampling and augmentation seed (the same on all hosts).
+        seed: the seed of the augmentations (public; not of the sample).
         steps: logical steps (None: forever).
         accumulation_steps: k; each padded logical batch of m rows is cut
             into k physical batches (m is rounded up to a multiple of k
@@ -70,6 +145,10 @@ def poisson_dataset(
         mean, std: normalization.
         input_context: a `tf.distribute.InputContext`: yield this input
             pipeline's per-replica batches.
+        public_sampling_seed: FOR TESTS ONLY: draw the sample from this
+            public seed (reproducible), which forfeits amplification by
+            sampling; the dataset is marked "public" and the privacy
+            statement says so. None (default): a secret, fresh sample.
 
     Returns:
         A `tf.data.Dataset` of `(x, y, {"dp_mask": mask})` physical batches
@@ -80,10 +159,10 @@ def poisson_dataset(
     sampler = _Sampler(
         len(labels),
         batch_size,
-        seed,
         accumulation_steps,
         overflow_probability,
         input_context,
+        public_sampling_seed,
     )
 
     def fetch(indices, view_seed):
@@ -92,8 +171,8 @@ def poisson_dataset(
         y = tf.gather(labels, rows)
         return _mask_and_augment(x, y, indices, view_seed, num_views, augment)
 
-    return (
-        sampler.index_batches(steps)
+    return sampler.attach(
+        sampler.index_batches(steps, seed)
         .map(fetch, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
@@ -102,7 +181,7 @@ def poisson_dataset(
 def poisson_source_dataset(
     source,
     batch_size,
-    seed,
+    seed=0,
     preprocess=None,
     steps=None,
     accumulation_steps=1,
@@ -110,6 +189,7 @@ def poisson_source_dataset(
     augment=augment_lib.random_crop_flip,
     overflow_probability=1e-18,
     input_context=None,
+    public_sampling_seed=None,
 ):
     """Poisson-sampled batches read by index from a random-access source.
 
@@ -121,11 +201,11 @@ def poisson_source_dataset(
             with "image" and "label" (`tfds.data_source`) or a pair
             `(image, label)`; images uint8 `[H, W, C]` of any size.
         batch_size: B, the expected logical batch size (q = B/N).
-        seed: the sampling and augmentation seed (the same on all hosts).
+        seed: the seed of the augmentations (public; not of the sample).
         preprocess: one uint8 image to a float32 image of a fixed shape
             (e.g. `imagenet.preprocess`); default: `pipeline.normalize`.
         steps, accumulation_steps, num_views, augment, overflow_probability,
-            input_context: as `poisson_dataset`.
+            input_context, public_sampling_seed: as `poisson_dataset`.
 
     Returns:
         A `tf.data.Dataset` of `(x, y, {"dp_mask": mask})` physical batches.
@@ -133,10 +213,10 @@ def poisson_source_dataset(
     sampler = _Sampler(
         len(source),
         batch_size,
-        seed,
         accumulation_steps,
         overflow_probability,
         input_context,
+        public_sampling_seed,
     )
     preprocess = preprocess or pipeline.normalize
 
@@ -147,9 +227,10 @@ def poisson_source_dataset(
         image, label = example
         return np.asarray(image, np.uint8), np.int64(label)
 
-    # Padding rows (index -1) get example 0, read once here: any image of
-    # the right kind will do, since the mask zeroes them.
-    placeholder = read(0)
+    # Padding rows (index -1) get the first example this pipeline owns,
+    # read once here: any image of the right kind will do, since the mask
+    # zeroes them.
+    placeholder = read(sampler.first_index)
     channels = placeholder[0].shape[-1]
 
     def read_or_pad(index):
@@ -162,7 +243,7 @@ def poisson_source_dataset(
         image.set_shape([None, None, channels])
         return preprocess(image), tf.reshape(label, []), index
 
-    batches = sampler.index_batches(steps)
+    batches = sampler.index_batches(steps, seed)
     rows = sampler.rows_per_batch
     examples = (
         batches.map(lambda indices, _: indices)
@@ -171,7 +252,7 @@ def poisson_source_dataset(
         .batch(rows, drop_remainder=True)
     )
     view_seeds = batches.map(lambda _, view_seed: view_seed)
-    return (
+    return sampler.attach(
         tf.data.Dataset.zip(examples, view_seeds)
         .map(
             lambda e, view_seed: _mask_and_augment(
@@ -190,28 +271,35 @@ def _mask_and_augment(x, y, indices, view_seed, num_views, augment):
     if num_views is not None:
         x = augment_lib.augmult(x, num_views, view_seed, augment)
     y = tf.where(mask, y, tf.zeros_like(y))
-    return x, y, {MASK: tf.cast(mask, tf.float32)}
+    return x, y, {sampling_lib.MASK: tf.cast(mask, tf.float32)}
+
+
+def _fresh_key():
+    """A `[2]` int64 stateless-RNG key from the operating system's entropy."""
+    return np.array([secrets.randbits(63), secrets.randbits(63)], np.int64)
 
 
 class _Sampler:
     """The Poisson sample of each step, padded, shuffled, cut into batches.
 
-    Step t's sample: each of the N examples with probability q, the same on
-    every host (stateless, from the shared seed). On overflow a uniformly
-    random m of them are kept. The m rows (indices, -1 for padding) are put
-    in a random order, so that padding spreads over the physical batches,
-    and cut into `accumulation_steps` physical batches of `replicas` equal
-    parts; this input pipeline keeps the parts of its own replicas.
+    This input pipeline's examples are those with index i mod P = p (P
+    pipelines). Step t's sample: each of them with probability q, from the
+    key of the iteration (secret and fresh for each iteration of the
+    dataset, or the public test seed). On overflow a uniformly random m of
+    them are kept. The m rows (indices, -1 for padding) are put in a random
+    order, so that padding spreads over the physical batches, and cut into
+    `accumulation_steps` physical batches of `local` equal parts, one per
+    local replica.
     """
 
     def __init__(
         self,
         num_examples,
         batch_size,
-        seed,
         accumulation_steps,
         overflow_probability,
         input_context,
+        public_sampling_seed,
     ):
         accounting.check_arguments(batch_size, num_examples)
         replicas, pipelines, pipeline_id = 1, 1, 0
@@ -224,59 +312,88 @@ class _Sampler:
                 f"{replicas} replicas do not divide among {pipelines} input "
                 "pipelines."
             )
-        parts = accumulation_steps * replicas
-        rows = accounting.poisson_max_batch_size(
-            num_examples, batch_size, overflow_probability
-        )
-        self.num_examples = num_examples
         self.q = batch_size / num_examples
-        self.rows = parts * math.ceil(rows / parts)  # m, the padded size
+        self.pipelines, self.pipeline_id = pipelines, pipeline_id
+        self.owned = len(range(pipeline_id, num_examples, pipelines))
+        self.first_index = pipeline_id
+        largest = math.ceil(num_examples / pipelines)
+        local = replicas // pipelines
+        parts = accumulation_steps * local
+        rows = accounting.poisson_max_batch_size(
+            largest, largest * self.q, overflow_probability / pipelines
+        )
+        self.rows = parts * math.ceil(rows / parts)  # m_p, this pipeline's
         self.rows_per_batch = self.rows // parts
         self.accumulation_steps = accumulation_steps
-        self.replicas = replicas
-        local = replicas // pipelines
-        self.local = (pipeline_id * local, (pipeline_id + 1) * local)
-        self.base = tf.constant([seed, 1], tf.int64)
+        self.local = local
+        # Per step, P[some pipeline's sample does not fit its rows].
+        self.overflow_probability = min(
+            1.0,
+            pipelines
+            * accounting.poisson_overflow_probability(
+                largest, largest * self.q, self.rows
+            ),
+        )
+        self.public_sampling_seed = public_sampling_seed
+        if public_sampling_seed is not None:
+            _log.warning(
+                "Poisson sampling from the public seed %s: whoever knows it "
+                "knows which steps hold each example, so epsilon is "
+                "accounted for without amplification by sampling. Use it for "
+                "tests only.",
+                public_sampling_seed,
+            )
 
-    def sample(self, step):
-        """`([m] indices, -1 for padding; view seed)` of logical step `step`."""
-        step_seed = tf.random.experimental.stateless_fold_in(self.base, step)
-        include_seed, order_seed, pad_seed, view_seed = tf.unstack(
-            tf.random.experimental.stateless_split(step_seed, 4)
+    def attach(self, dataset):
+        """Marks `dataset` with how it samples (`sampling.Sampling`)."""
+        kind = "poisson" if self.public_sampling_seed is None else "public"
+        return sampling_lib.attach(
+            dataset, sampling_lib.Sampling(kind, self.overflow_probability)
+        )
+
+    def _key(self):
+        """The sampling key of one iteration of the dataset."""
+        if self.public_sampling_seed is not None:
+            return tf.constant([self.public_sampling_seed, 1], tf.int64)
+        key = tf.numpy_function(_fresh_key, [], tf.int64, stateful=True)
+        return tf.ensure_shape(key, [2])
+
+    def sample(self, key, step):
+        """`[m_p]` indices of logical step `step` (-1 for padding)."""
+        step_key = tf.random.experimental.stateless_fold_in(key, step)
+        include_key, order_key, pad_key = tf.unstack(
+            tf.random.experimental.stateless_split(step_key, 3)
         )
         include = (
-            tf.random.stateless_uniform([self.num_examples], include_seed)
-            < self.q
+            tf.random.stateless_uniform([self.owned], include_key) < self.q
         )
-        chosen = tf.where(include)[:, 0]
-        chosen = tf.random.experimental.stateless_shuffle(chosen, order_seed)
+        chosen = tf.where(include)[:, 0] * self.pipelines + self.pipeline_id
+        chosen = tf.random.experimental.stateless_shuffle(chosen, order_key)
         chosen = chosen[: self.rows]
         pad = self.rows - tf.shape(chosen)[0]
         indices = tf.concat([chosen, -tf.ones([pad], tf.int64)], 0)
-        indices = tf.random.experimental.stateless_shuffle(indices, pad_seed)
-        return tf.ensure_shape(indices, [self.rows]), view_seed
+        indices = tf.random.experimental.stateless_shuffle(indices, pad_key)
+        return tf.ensure_shape(indices, [self.rows])
 
-    def index_batches(self, steps):
-        """`(indices, view seed)` of this pipeline's batches, in order."""
+    def index_batches(self, steps, seed=0):
+        """`(indices, view seed)` of this pipeline's physical batches, in
+        order; the view seeds come from the public `seed` and the step."""
+        parts = self.accumulation_steps * self.local
+        view_base = tf.constant([seed, 2], tf.int64)
 
-        def batches(step):
-            indices, view_seed = self.sample(step)
-            parts = tf.reshape(
-                indices,
-                [self.accumulation_steps, self.replicas, self.rows_per_batch],
+        def batches(key, step):
+            indices = tf.reshape(self.sample(key, step), [parts, -1])
+            step_seed = tf.random.experimental.stateless_fold_in(
+                tf.random.experimental.stateless_fold_in(view_base, step),
+                self.pipeline_id,
             )
-            mine = parts[:, self.local[0] : self.local[1]]
-            mine = tf.reshape(mine, [-1, self.rows_per_batch])
-            seeds = tf.random.experimental.stateless_split(
-                view_seed, self.accumulation_steps * self.replicas
-            )
-            seeds = tf.reshape(
-                seeds, [self.accumulation_steps, self.replicas, 2]
-            )
-            seeds = tf.reshape(seeds[:, self.local[0] : self.local[1]], [-1, 2])
-            return tf.data.Dataset.from_tensor_slices((mine, seeds))
+            seeds = tf.random.experimental.stateless_split(step_seed, parts)
+            return tf.data.Dataset.from_tensor_slices((indices, seeds))
 
         steps_ds = (
             tf.data.Dataset.range(steps) if steps else tf.data.Dataset.counter()
         )
-        return steps_ds.flat_map(batches)
+        keys = tf.data.Dataset.from_tensors(0).map(lambda _: self._key())
+        return keys.flat_map(
+            lambda key: steps_ds.flat_map(lambda step: batches(key, step))
+        )

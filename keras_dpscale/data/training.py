@@ -29,16 +29,20 @@ def train_dataset(
             (`len` and `[i]`, such as `tfds.data_source`), read by index
             (`poisson.poisson_source_dataset`; Poisson only).
         batch_size: B, the (expected) logical batch size.
-        seed: the seed of the sampling and the augmentations.
+        seed: the seed of the augmentations (and of the shuffle with
+            "shuffle"); never of the Poisson sample, which is secret
+            (`poisson`).
         sampling: "poisson" (default) or
-            "shuffle" (shuffled fixed-size batches, streamed). Compile with
-            `DPSGD(sampling=<the same>, batch_size=B, ...)`.
+            "shuffle" (shuffled fixed-size batches, streamed). The dataset
+            carries its `keras_dpscale.sampling.Sampling`, which `fit`
+            records; calibrate with `DPSGD(sampling=<the same>, ...)`.
         num_views: K for augmentation multiplicity, or None.
         accumulation_steps: physical batches per logical batch.
         steps: logical steps (Poisson; None: forever).
         augment: the augmentation of the views.
         **kwargs: passed to `poisson.poisson_dataset` or
-            `pipeline.shuffled_dataset`.
+            `pipeline.shuffled_dataset` (e.g. `public_sampling_seed`, for
+            tests only).
 
     Returns:
         Poisson: `(x, y, {"dp_mask": mask})` batches of a fixed padded size;
