@@ -23,6 +23,6 @@ setuptools.setup(
     ],
     extras_require={
         "plot": ["matplotlib"],
-        "test": ["pytest>=8", "scipy>=1.11", "matplotlib"],
+        "test": ["pytest>=8", "scipy>=1.11", "matplotlib", "hypothesis>=6.100"],
     },
 )

@@ -20,7 +20,6 @@ accountants evaluate the events.
 """
 
 import dataclasses
-import functools
 import math
 import warnings
 
@@ -402,7 +401,8 @@ def truncation_delta(segments, epsilon):
     return (1 + math.exp(min(epsilon, 700))) * eta
 
 
-_ASSUMPTIONS = {
+# What each sampling kind assumes, in the words of the privacy statement.
+SAMPLING_ASSUMPTIONS = {
     "poisson": "Poisson sampling from a secret sample",
     "shuffle": (
         "each pass over the data holds each example at most once (shuffled "
@@ -452,7 +452,7 @@ def privacy_statement(
         sigmas = sorted({s.noise_multiplier for s in segments})
         kinds = []
         for s in segments:
-            text = _ASSUMPTIONS[s.sampling]
+            text = SAMPLING_ASSUMPTIONS[s.sampling]
             if s.declared:
                 text += " (the user's claim)"
             if text not in kinds:

@@ -25,6 +25,7 @@ the loss itself is not finite.
 import tensorflow as tf
 
 from keras_dpscale import pfor_conv
+from keras_dpscale import separability
 
 # Per-example conv filter gradients without TF's while_loop fallback.
 pfor_conv.install()
@@ -49,7 +50,15 @@ def per_example_gradients(loss_fn, variables, inputs, microbatch_size=None):
 
     def one_example(example):
         with tf.GradientTape() as tape:
-            loss, aux = loss_fn(example)
+            with separability.Region() as region:
+                loss, aux = loss_fn(example)
+        try:
+            separability.check_no_data_writes(region, example)
+        except separability.NotSeparable as e:
+            raise ValueError(
+                "The per-example computation lets one example reach another "
+                f"through state: {e}. Remove the operation."
+            ) from None
         grads = tape.gradient(
             loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )

@@ -24,7 +24,6 @@ than sigma was calibrated for raise errors that name the fix.
 
 import contextlib
 import logging
-import math
 import warnings
 import weakref
 
@@ -100,6 +99,7 @@ class DPTrainer:
         shuffle=True,
         class_weight=None,
         sample_weight=None,
+        initial_epoch=0,
         steps_per_epoch=None,
         **kwargs,
     ):
@@ -135,9 +135,15 @@ class DPTrainer:
         if not optimizers.is_private(optimizer):
             raise ValueError(optimizers._NOT_PRIVATE.format(name="A DPModel"))
         if _is_arrays(x, y):
-            x, y, validation_data, steps_per_epoch, drawn = self._poisson_fit_data(
-                x, y, batch_size, validation_split, validation_data,
-                steps_per_epoch,
+            x, y, validation_data, steps_per_epoch, drawn = (
+                self._poisson_fit_data(
+                    x,
+                    y,
+                    batch_size,
+                    validation_split,
+                    validation_data,
+                    steps_per_epoch,
+                )
             )
             batch_size, validation_split = None, 0.0
         else:
@@ -180,6 +186,7 @@ class DPTrainer:
                 validation_split=validation_split,
                 validation_data=validation_data,
                 shuffle=shuffle,
+                initial_epoch=initial_epoch,
                 steps_per_epoch=steps_per_epoch,
                 **kwargs,
             )
@@ -192,37 +199,6 @@ class DPTrainer:
     ):
         """`fit` on arrays: Poisson batches of them (see `fit`)."""
         optimizer = self.optimizer
-        if validation_split and validation_data is None:
-            (x, y, _), validation_data = (
-                array_data_adapter.train_validation_split(
-                    (x, y, None), validation_split=validation_split
-                )
-            )
-        num_examples = len(tf.nest.flatten(x)[0])
-        if optimizer.num_examples is None:
-            optimizer.num_examples = num_examples
-        elif optimizer.num_examples != num_examples:
-            raise ValueError(
-                f"The optimizer's num_examples={optimizer.num_examples}, but "
-                f"fit was given {num_examples} training examples."
-            )
-        given = batch_size
-        batch_size = given or optimizer.batch_size or 32
-        if optimizer.batch_size is None:
-            optimizer.batch_size = batch_size
-        elif given is not None and given != optimizer.batch_size:
-            raise ValueError(
-                f"The optimizer's batch_size={optimizer.batch_size}, but fit "
-                f"was given batch_size={given}."
-            )
-        accounting.check_arguments(batch_size, num_examples)
-        data = poisson.arrays_dataset(
-            x,
-            y,
-            batch_size,
-            accumulation_steps=optimizer.accumulation_steps,
-            input_context=None,
-        )
         if self.distribute_strategy.num_replicas_in_sync > 1:
             raise ValueError(
                 "fit on arrays samples Poisson batches for one replica; under "
@@ -230,6 +206,31 @@ class DPTrainer:
                 "keras_dpscale.data.train_dataset with "
                 "strategy.distribute_datasets_from_function."
             )
+        if validation_split and validation_data is None:
+            (x, y, _), validation_data = (
+                array_data_adapter.train_validation_split(
+                    (x, y, None), validation_split=validation_split
+                )
+            )
+        num_examples = len(tf.nest.flatten(x)[0])
+        if optimizer.num_examples not in (None, num_examples):
+            raise ValueError(
+                f"The optimizer's num_examples={optimizer.num_examples}, but "
+                f"fit was given {num_examples} training examples."
+            )
+        given = batch_size
+        batch_size = given or optimizer.batch_size or 32
+        if given is not None and optimizer.batch_size not in (None, given):
+            raise ValueError(
+                f"The optimizer's batch_size={optimizer.batch_size}, but fit "
+                f"was given batch_size={given}."
+            )
+        accounting.check_arguments(batch_size, num_examples)
+        optimizer.num_examples = num_examples
+        optimizer.batch_size = batch_size
+        data = poisson.arrays_dataset(
+            x, y, batch_size, accumulation_steps=optimizer.accumulation_steps
+        )
         if steps is None:
             steps = max(1, round(num_examples / batch_size))
             steps *= optimizer.accumulation_steps
@@ -246,7 +247,7 @@ class DPTrainer:
             raise ValueError(
                 f"The optimizer calibrated sigma for {planned} sampling, but "
                 f"the data are sampled as '{drawn.kind}' "
-                f"({accounting._ASSUMPTIONS[drawn.kind]}). Train on arrays "
+                f"({accounting.SAMPLING_ASSUMPTIONS[drawn.kind]}). Train on arrays "
                 "or on keras_dpscale.data.train_dataset (Poisson sampling), "
                 "pass sampling='" + drawn.kind + "' to the optimizer to "
                 "calibrate for it, or state how your pipeline samples with "
@@ -259,12 +260,16 @@ class DPTrainer:
         """Every DP step of this model's weights, as `accounting.Segment`s."""
         return self._dp_ledger.segments()
 
-    def _privacy_defaults(self, delta, accountant=None):
+    def privacy_settings(self, delta=None, accountant=None):
+        """`(optimizer, delta, accountant, num_examples)` for reporting: the
+        given values, else the DP optimizer's (None if there is none)."""
         optimizer = getattr(self, "optimizer", None)
         if not optimizers.is_private(optimizer):
             optimizer = None
-        delta = delta if delta is not None else getattr(
-            optimizer, "target_delta", None
+        delta = (
+            delta
+            if delta is not None
+            else getattr(optimizer, "target_delta", None)
         )
         if delta is None:
             raise ValueError(
@@ -278,7 +283,7 @@ class DPTrainer:
     def epsilon(self, delta=None, accountant=None):
         """Epsilon of every DP step recorded, at `delta` (default: the
         optimizer's `target_delta`)."""
-        _, delta, accountant, num_examples = self._privacy_defaults(
+        _, delta, accountant, num_examples = self.privacy_settings(
             delta, accountant
         )
         return accounting.ledger_epsilon(
@@ -287,7 +292,7 @@ class DPTrainer:
 
     def privacy_statement(self, delta=None):
         """What the guarantee is, what it assumes and what it does not cover."""
-        optimizer, delta, accountant, num_examples = self._privacy_defaults(
+        optimizer, delta, accountant, num_examples = self.privacy_settings(
             delta
         )
         return accounting.privacy_statement(
@@ -296,10 +301,18 @@ class DPTrainer:
             accountant,
             num_examples=num_examples,
             l2_norm_clip=getattr(optimizer, "l2_norm_clip", None),
-            non_private_steps=int(self._dp_ledger.non_private_steps.numpy()),
-            not_covered=getattr(self, "_not_covered", None)
-            or warn_data_dependent_state(self),
+            non_private_steps=self.non_private_steps(),
+            not_covered=self.not_covered(),
         )
+
+    def non_private_steps(self):
+        """Steps of a non-DP optimizer on the weights before DP training."""
+        return int(self._dp_ledger.non_private_steps.numpy())
+
+    def not_covered(self):
+        """State set from data outside DP training (adapted statistics)."""
+        found = getattr(self, "_not_covered", None)
+        return list(found if found is not None else data_dependent_state(self))
 
     def coming_steps(self):
         """A `Segment` with the settings of the coming steps (the optimizer's
@@ -309,11 +322,13 @@ class DPTrainer:
     def remaining_steps(self, epsilon_budget=None, delta=None):
         """Logical steps like the coming ones left within the budget; None
         if the coming steps' settings are not known yet."""
-        optimizer, delta, accountant, num_examples = self._privacy_defaults(
+        optimizer, delta, accountant, num_examples = self.privacy_settings(
             delta
         )
         budget = (
-            optimizer.epsilon_budget if epsilon_budget is None else epsilon_budget
+            optimizer.epsilon_budget
+            if epsilon_budget is None
+            else epsilon_budget
         )
         if budget is None:
             raise ValueError("A budget check needs epsilon_budget.")
@@ -729,18 +744,21 @@ def check_layers(model):
             )
 
 
+def data_dependent_state(model):
+    """Descriptions of the layers whose state was set from data outside DP
+    training (adapted preprocessing layers)."""
+    return [
+        f"the statistics of layer '{layer.name}' ({type(layer).__name__}), "
+        "set by adapt()"
+        for layer in model._flatten_layers(include_self=False)
+        if _adapted(layer)
+    ]
+
+
 def warn_data_dependent_state(model):
-    """Warns about layers whose state was set from data outside DP training
-    (adapted preprocessing layers); returns their descriptions, which the
-    privacy statement lists as not covered."""
-    found = []
-    for layer in model._flatten_layers(include_self=False):
-        if not _adapted(layer):
-            continue
-        found.append(
-            f"the statistics of layer '{layer.name}' "
-            f"({type(layer).__name__}), set by adapt()"
-        )
+    """Warns about `data_dependent_state` (naming the fix) and returns it;
+    the privacy statement lists it as not covered."""
+    found = data_dependent_state(model)
     if found:
         warnings.warn(
             "keras_dpscale: "

@@ -98,7 +98,7 @@ def privacy_record(model, delta=None, ema_weights=False):
     import keras_dpscale  # the package imports this module
 
     _require_ledger(model)
-    optimizer, delta, accountant, num_examples = model._privacy_defaults(delta)
+    optimizer, delta, accountant, num_examples = model.privacy_settings(delta)
     ledger = [s for s in model.privacy_ledger() if s.steps > 0]
     if any((s.num_examples or num_examples) is None for s in ledger):
         raise ValueError(
@@ -119,8 +119,8 @@ def privacy_record(model, delta=None, ema_weights=False):
         "sampling": _uniform(s.sampling for s in ledger),
         "accountant": accountant,
         "ledger": [dataclasses.asdict(s) for s in ledger],
-        "non_private_steps": int(model._dp_ledger.non_private_steps.numpy()),
-        "not_covered": list(getattr(model, "_not_covered", None) or []),
+        "non_private_steps": model.non_private_steps(),
+        "not_covered": model.not_covered(),
         "statement": model.privacy_statement(delta),
         "ema_weights": bool(ema_weights),
         "ema_momentum": (

@@ -65,8 +65,12 @@ class PrivacyLedger:
         self.table = weight("dp_ledger", (CAPACITY, len(COLUMNS)), "float64")
         self.size = weight("dp_ledger_size", (), "int64")
         self.non_private_steps = weight("dp_non_private_steps", (), "int64")
-        # [code, overflow probability, declared] of the data trained on now.
-        self.current = weight("dp_sampling", (3,), "float64")
+        # [code, overflow probability, declared] of the data trained on now:
+        # set by `fit`, and deliberately not one of the model's weights, so
+        # that a saved or restored value never outlives the `fit` it was for.
+        self.current = tf.Variable(
+            tf.zeros([3], tf.float64), trainable=False, name="dp_sampling"
+        )
         self.set_sampling(sampling_lib.UNKNOWN)
 
     # -- Trace time: one logical step. -------------------------------------
@@ -136,7 +140,9 @@ class PrivacyLedger:
     def sampling(self):
         """The `sampling.Sampling` that coming steps will be recorded with."""
         code, overflow, declared = self.current.numpy().tolist()
-        return sampling_lib.Sampling(_CODES[int(code)], overflow, bool(declared))
+        return sampling_lib.Sampling(
+            _CODES[int(code)], overflow, bool(declared)
+        )
 
     def segments(self):
         """The steps recorded so far, as a list of `accounting.Segment`."""

@@ -136,8 +136,7 @@ class DPOptimizerMixin:
                 )
         if sampling not in PLANNED_SAMPLING:
             raise ValueError(
-                f"sampling must be one of {PLANNED_SAMPLING}, got "
-                f"{sampling!r}."
+                f"sampling must be one of {PLANNED_SAMPLING}, got {sampling!r}."
             )
         accounting.make_accountant(accountant)  # validates the name
         if clipping not in CLIPPING:

@@ -53,7 +53,9 @@ class Sampling:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"sampling must be one of {KINDS}, got {self.kind!r}.")
+            raise ValueError(
+                f"sampling must be one of {KINDS}, got {self.kind!r}."
+            )
         if not 0 <= self.overflow_probability <= 1:
             raise ValueError(
                 "overflow_probability must be in [0, 1], got "

@@ -858,8 +858,8 @@ def _einsum_labels(spec, rank):
     if "..." in spec:
         head, tail = spec.split("...")
         middle = rank - len(head) - len(tail)
-        return list(head) + [f".{middle - i}" for i in range(middle)] + list(
-            tail
+        return (
+            list(head) + [f".{middle - i}" for i in range(middle)] + list(tail)
         )
     return list(spec)
 
@@ -1021,3 +1021,32 @@ def _cross_entropy(x):
 )
 def _random(x):
     x.refuse("draws random numbers from a seed or shape computed from data")
+
+
+_PYTHON = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+
+
+def check_no_data_writes(region, inputs):
+    """Raises `NotSeparable` if the recorded block writes data of `inputs`
+    into state, or hands it to Python code.
+
+    For a computation that runs one example at a time (`tf.vectorized_map`):
+    there, the only way for one example to reach another's loss is through
+    state that outlives it, such as a variable that one example writes and
+    the next reads.
+
+    Args:
+        region: a `Region` that recorded the block.
+        inputs: the block's input tensors (the example).
+    """
+    if region.ops is None:
+        return
+    tainted = {t.ref() for t in tf.nest.flatten(inputs) if tf.is_tensor(t)}
+    for op in region.ops:
+        if not any(t.ref() in tainted for t in op.inputs):
+            continue
+        if op.type in _WRITES:
+            _refuse(op, "writes data of an example into a variable")
+        if op.type in _PYTHON:
+            _refuse(op, "hands data of an example to Python code")
+        tainted.update(_refs(op.outputs))

@@ -1,7 +1,6 @@
 """Epsilon, calibration and ledgers against dp-accounting called directly."""
 
 import math
-import warnings
 
 import dp_accounting
 import pytest

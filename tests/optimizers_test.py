@@ -52,7 +52,9 @@ class Recorder:
         self.steps.assign_add(1)
 
 
-def private_update(opt, grad_sums, physical_batch_size, size=20000, record=None):
+def private_update(
+    opt, grad_sums, physical_batch_size, size=20000, record=None
+):
     """Runs apply_private_gradients and returns the change of a variable."""
     v = keras.Variable(np.zeros(size, "float32"))
     record = record or Recorder()

@@ -45,9 +45,7 @@ def test_random_access_source_is_read_by_index():
     source = [(images[i], i % 10) for i in range(200)]  # len and [i]
     public = dict(public_sampling_seed=2)  # to compare the two pipelines
     x, y, extra = next(
-        iter(
-            data.train_dataset(source, 20, augment=lambda x, s: x, **public)
-        )
+        iter(data.train_dataset(source, 20, augment=lambda x, s: x, **public))
     )
     rows = accounting.poisson_max_batch_size(200, 20, 1e-18)
     assert x.shape == (rows, 8, 8, 3)
