@@ -43,6 +43,7 @@ random layer that would need the fallback.
 
 import contextlib
 import logging
+import math
 
 import keras
 import tensorflow as tf
@@ -501,7 +502,20 @@ def _embedding(layer, x):
 
 class _LinearTap:
     """Dense and Conv2D: `o = (a @ kernel) * gain + bias` on the rows a of
-    the input (image patches for a convolution)."""
+    the input (image patches for a convolution).
+
+    Norms and clipped sums are computed in float32 from the recorded
+    tensors' values (bfloat16 ones under mixed precision), and each form
+    sums what it normed, up to float32 rounding (`ghost_norms`):
+
+    - "per_example": the kernel's per-example gradients, normed and summed;
+    - "gram": the centred rows' `a^T g`, and the means that centring took
+      away (`totals / p` on every fan-in entry);
+    - "input_gram": the shifted input's `a^T g`, and the shift's `1 tau^T`.
+
+    The gradient of a weight-standardized kernel sees neither the means nor
+    the shift.
+    """
 
     def __init__(self, layer, x, z, o, standardization=None):
         self.layer = layer
@@ -515,25 +529,48 @@ class _LinearTap:
         ]
 
     # The conv / dense specific parts.
-    def _kernel_sq_norms(self, g_lin, batch):
+    def _form(self, g_lin, batch):
         raise NotImplementedError
 
-    def _linear(self, x, kernel):
+    def _rows_of(self, batch):
+        """The rows a (patches), `[B, n, p]`."""
         raise NotImplementedError
+
+    def _per_example_gradients(self, g_lin, batch):
+        """`(v, axis)`: `a_i^T g_i` for each example, batch along `axis`."""
+        raise NotImplementedError
+
+    def _input_gram_sq_norms(self, g, batch):
+        """`_centred_sq_norms` by the "input_gram" form (convolutions)."""
+        raise NotImplementedError
+
+    def _shifted_sum(self, g_lin, factors, keep):
+        """The "input_gram" form's parts of the clipped sum."""
+        raise NotImplementedError
+
+    def _z32(self):
+        """`a @ U` in float32 (weight-standardized convolutions)."""
+        raise NotImplementedError
+
+    def _fan_in(self):
+        return math.prod(self.layer.kernel.shape[:-1])
 
     def _g_lin(self, g):
-        """The gradient with respect to `a @ kernel`."""
+        """The gradient with respect to `a @ kernel` (float32)."""
+        g = tf.cast(g, tf.float32)
         if self._gain is None:
             return g
-        return g * ops.cast(self._gain, g.dtype)
+        return g * tf.cast(self._gain, tf.float32)
 
     def sq_norms(self, g, batch):
+        g = tf.cast(g, tf.float32)
+        self._input = tf.cast(_after(self._x, g), tf.float32)
         self._small = []
         # The gain's per-example gradient; times the gain it is also the
         # `v . U` of a weight-standardized kernel (`_aligned`).
         self._gain_grads = None
         if self._gain is not None:
-            self._gain_grads = _per_example_sum(g * self._z, batch)
+            self._gain_grads = _per_example_sum(g * self._z32(), batch)
             self._small.append(self._gain_grads)
         if self.layer.bias is not None:
             self._small.append(_per_example_sum(g, batch))
@@ -542,24 +579,105 @@ class _LinearTap:
             sq += tf.reduce_sum(tf.square(t), axis=1)
         return sq
 
+    def _kernel_sq_norms(self, g_lin, batch):
+        self._per_example = None
+        self._form_used = self._form(g_lin, batch)
+        if self._form_used == "per_example":
+            v, axis = self._per_example_gradients(g_lin, batch)
+            # Kept for the clipped sum: no second weight gradient (book-
+            # keeping), and the sum adds exactly the tensors normed here.
+            self._per_example = self._kernel_gradients(v, axis)
+            self._batch_axis = axis
+            others = [i for i in range(v.shape.rank) if i != axis]
+            return tf.reduce_sum(tf.square(self._per_example), others)
+        g = _rows(g_lin, batch)
+        fan_in = self._fan_in()
+        if self._ws is None:
+            centred_sq, sums, _ = self._centred_sq_norms(g, batch)
+            self._totals = tf.einsum("bn,bnd->bd", sums, g)  # sum v_o
+            return ghost_norms.linear_sq_norms(centred_sq, self._totals, fan_in)
+        unit, inv_std, dlog, var = self._ws
+        centred_sq, _, row_norms = self._centred_sq_norms(g * inv_std, batch)
+        # `v . U = sum_s g_s . z_s` adds terms of sizes up to |g_s| |a_s| |U|
+        # (`z` is rounded at the scale of the rows).
+        unit_norms = tf.norm(tf.reshape(unit, [-1, unit.shape[-1]]), axis=0)
+        sizes = tf.reduce_sum(tf.abs(g) * row_norms[..., None], 1)
+        return ghost_norms.ws_kernel_sq_norms(
+            centred_sq,
+            self._aligned(g_lin, batch),
+            inv_std,
+            dlog,
+            var,
+            fan_in,
+            aligned_sizes=sizes * unit_norms,
+        )
+
+    def _centred_rows(self, batch):
+        """The "gram" form's rows, centred, and their sums (the same values
+        for the norms and the clipped sum)."""
+        a = self._rows_of(batch)
+        sums = tf.reduce_sum(a, -1)
+        return ghost_norms.centred(a, sums), sums
+
+    def _centred_sq_norms(self, g, batch):
+        """`sum_o ||v_o - mean(v_o)||^2` by a Gram form, for `g` `[B, n, d]`
+        (weighted per channel for a standardized kernel); and the rows'
+        sums and norms, `[B, n]`."""
+        if self._form_used == "input_gram":
+            return self._input_gram_sq_norms(g, batch)
+        a, sums = self._centred_rows(batch)
+        a_gram = ghost_norms.gram(a)
+        row_norms = ghost_norms.row_norms(
+            tf.linalg.diag_part(a_gram), sums, a.shape[-1]
+        )
+        return ghost_norms.gram_sq_norms(a_gram, g), sums, row_norms
+
+    def _kernel_gradients(self, v, axis):
+        """The per-example gradients of the kernel variable, from `a_i^T
+        g_i` (`v`, examples along `axis`)."""
+        if self._ws is None:
+            return v
+        unit, inv_std, dlog, _ = self._ws
+        axes = [i for i in range(v.shape.rank - 1) if i != axis]
+        return ghost_norms.ws_kernel_gradients(
+            v, tf.expand_dims(unit, axis), inv_std, dlog, axes
+        )
+
+    def _aligned(self, g_lin, batch):
+        """`v . U` per example and output channel: `sum_t g_lin * z`."""
+        if self._gain_grads is not None:
+            return self._gain_grads * tf.cast(self._gain, tf.float32)
+        return _per_example_sum(g_lin * self._z32(), batch)
+
     def _kernel_sum(self, g_lin, factors):
-        """Book-keeping: the layer's weight gradient with G scaled by c, or
-        the weighted sum of the per-example gradients where the norms
-        formed them."""
+        """Book-keeping: the sums of the parts (class docstring) with G
+        scaled by c, or the weighted sum of the per-example gradients where
+        the norms formed them."""
+        if self._per_example is not None:
+            return _weighted_sum(self._per_example, factors, self._batch_axis)
         kernel = self.layer.kernel
-        if getattr(self, "_per_example", None) is not None:
-            # [kh, kw, B, C_in, O] -> [kh, kw, C_in, O]
-            total = _weighted_sum(self._per_example, factors, axis=2)
-            if self._ws is None:
-                return total
+        keep = tf.cast(factors > 0, tf.float32)  # 0 * a non-finite row: 0
+        if self._form_used == "gram":
+            total, removed = self._centred_rows_sum(g_lin, factors, keep)
+        else:
+            total, removed = self._shifted_sum(g_lin, factors, keep)
+        total = tf.reshape(total, kernel.shape)
+        if self._ws is not None:
             with tf.GradientTape() as tape:
                 unit = self.layer.standardization(kernel)[0]
             return tape.gradient(unit, kernel, output_gradients=total)
-        rows = _expand(factors, self._x.shape[0])
-        x = tf.stop_gradient(_scale(self._x, tf.cast(rows > 0, rows.dtype)))
-        with tf.GradientTape() as tape:
-            z = self._linear(x, kernel)
-        return tape.gradient(z, kernel, output_gradients=_scale(g_lin, rows))
+        return total + _weighted_sum(removed, factors)  # on every fan-in entry
+
+    def _centred_rows_sum(self, g_lin, factors, keep):
+        """The "gram" form's parts: `sum_i c_i a_i^T g_i` of the centred
+        rows, and the means taken away (`totals / p`, per example)."""
+        batch = factors.shape[0]
+        a, _ = self._centred_rows(batch)
+        g = _scale(_rows(g_lin, batch), factors)
+        total = tf.einsum("bnp,bnd->pd", _scale(a, keep), g)
+        if self._ws is not None:
+            return total, None
+        return total, self._totals / self._fan_in()
 
     def clipped_sums(self, g, factors):
         sums = [(self.layer.kernel, self._kernel_sum(self._g_lin(g), factors))]
@@ -570,13 +688,18 @@ class _LinearTap:
 
 
 class _DenseTap(_LinearTap):
-    def _linear(self, x, kernel):
-        return ops.matmul(x, ops.cast(kernel, x.dtype))
-
-    def _kernel_sq_norms(self, g_lin, batch):
-        return ghost_norms.matmul_sq_norms(
-            _rows(self._x, batch), _rows(g_lin, batch)
+    def _form(self, g_lin, batch):
+        _, n, d = _rows(g_lin, batch).shape
+        return ghost_norms.cheapest(
+            ghost_norms.matmul_costs(n, self.layer.kernel.shape[0], d)
         )
+
+    def _rows_of(self, batch):
+        return _rows(self._input, batch)
+
+    def _per_example_gradients(self, g_lin, batch):
+        v = ghost_norms.outer(self._rows_of(batch), _rows(g_lin, batch))
+        return v, 0
 
 
 def _dense(layer, x):
@@ -587,109 +710,113 @@ def _dense(layer, x):
 
 
 class _ConvTap(_LinearTap):
-    def _kernel(self, kernel):
-        if self._ws is None:
-            return kernel
-        return self.layer.standardization(kernel)[0]
-
-    def _linear(self, x, kernel):
-        kernel = ops.cast(self._kernel(kernel), x.dtype)
-        return keras.layers.Conv2D.convolution_op(self.layer, x, kernel)
-
-    def _kernel_sq_norms(self, g_lin, batch):
+    def _geometry(self, padded=False):
+        """The convolution's geometry (`ghost_norms`), on its input, or on
+        its input already padded ("VALID")."""
         layer = self.layer
-        kh, kw, c_in, d = layer.kernel.shape
-        rows, height, width, _ = self._x.shape
+        return dict(
+            kernel_size=tuple(layer.kernel.shape[:2]),
+            strides=tuple(layer.strides),
+            padding="VALID" if padded else layer.padding.upper(),
+            dilations=tuple(layer.dilation_rate),
+            out_size=tuple(self.sources.shape[1:3]),
+        )
+
+    def _z32(self):
+        if self._z.dtype == tf.float32:
+            return self._z
+        # Rounded to a lower precision by the forward pass: recomputed.
+        unit = self._ws[0]
+        return keras.layers.Conv2D.convolution_op(self.layer, self._input, unit)
+
+    def _form(self, g_lin, batch):
+        kh, kw, c_in, d = self.layer.kernel.shape
+        rows, height, width, _ = self._input.shape
         _, out_h, out_w, _ = g_lin.shape
         views = rows // batch
-        n = views * out_h * out_w
-        p = kh * kw * c_in
-        conv = dict(
-            kernel_size=(kh, kw),
-            strides=tuple(layer.strides),
-            padding=layer.padding.upper(),
-            dilations=tuple(layer.dilation_rate),
-        )
-        x = _after(self._x, g_lin)
+        if self.layer.groups != 1:
+            return "per_example"
         in_positions = views * ghost_norms.padded_positions(
-            height, width, out_size=(out_h, out_w), **conv
+            height, width, **self._geometry()
         )
-        form = "per_example"
-        if layer.groups == 1:
-            form = ghost_norms.cheapest(
-                ghost_norms.conv_costs(n, p, d, in_positions, c_in, kh * kw)
+        n = views * out_h * out_w
+        return ghost_norms.cheapest(
+            ghost_norms.conv_costs(
+                n, kh * kw * c_in, d, in_positions, c_in, kh * kw
             )
-        if form != "per_example":
-            return self._gram_sq_norms(form, x, g_lin, batch, conv)
+        )
+
+    def _rows_of(self, batch):
+        patches = ghost_norms.patches(self._input, **self._geometry())
+        return _rows(patches, batch)
+
+    def _per_example_gradients(self, g_lin, batch):
+        conv = self._geometry()
+        del conv["out_size"]
+        x = self._input
+        views = x.shape[0] // batch
         # [kh, kw, B, C_in, O]: example i's gradient is [:, :, i].
-        v = tf.cast(
-            pfor_conv.per_example_filter_gradient(
-                tf.reshape(x, [batch, views, *x.shape[1:]]),
-                tf.reshape(g_lin, [batch, views, *g_lin.shape[1:]]),
-                groups=layer.groups,
-                **conv,
-            ),
-            tf.float32,
+        v = pfor_conv.per_example_filter_gradient(
+            tf.reshape(x, [batch, views, *x.shape[1:]]),
+            tf.reshape(g_lin, [batch, views, *g_lin.shape[1:]]),
+            groups=self.layer.groups,
+            **conv,
         )
-        # Kept for the clipped sum: no second weight gradient (book-keeping)
-        # where the per-example gradients exist anyway.
-        self._per_example = v
-        kernel_axes = [0, 1, 3]
-        sq = tf.reduce_sum(tf.square(v), kernel_axes)  # [B, O]
-        if self._ws is None:
-            return tf.reduce_sum(sq, -1)
-        unit, inv_std, _, _ = self._ws
-        return self._ws_sq_norms(
-            tf.reduce_sum(sq * tf.square(inv_std), -1),
-            tf.reduce_sum(v, kernel_axes),
-            tf.reduce_sum(v * unit[:, :, None], kernel_axes),
+        return v, 2
+
+    def _patch_sums(self, x, batch):
+        """Each patch's sum over its entries, `[B, n]`, for the padded
+        input `x`: the patches of `x` summed over its channels."""
+        channel_sums = tf.reduce_sum(x, -1, keepdims=True)
+        patches = ghost_norms.patches(channel_sums, **self._geometry(True))
+        return tf.reduce_sum(_rows(patches, batch), -1)
+
+    def _input_gram_sq_norms(self, g, batch):
+        """The patches' Gram from the pixels of the padded input, shifted by
+        its mean (`ghost_norms.shift`), kept for the clipped sum."""
+        padded = ghost_norms.pad(self._input, **self._geometry())
+        self._shifted, self._shift = ghost_norms.shift(padded)
+        fan_in = self._fan_in()
+        shifted_sums = self._patch_sums(self._shifted, batch)
+        # The patches' own sums: their shifted sums and p times the shift.
+        positions = math.prod(self.sources.shape[1:3])
+        shift = tf.reshape(tf.repeat(self._shift, positions), [batch, -1])
+        sums = shifted_sums + fan_in * shift
+        a_gram = ghost_norms.input_gram(
+            self._shifted, batch, **self._geometry(True)
+        )
+        centred_rows_sq = tf.linalg.diag_part(a_gram) - (
+            tf.square(shifted_sums) / fan_in
+        )
+        return (
+            ghost_norms.centred_sq_norms(a_gram, shifted_sums, g, fan_in),
+            sums,
+            ghost_norms.row_norms(centred_rows_sq, sums, fan_in),
         )
 
-    def _gram_sq_norms(self, form, x, g_lin, batch, conv):
-        """The Gram forms: the patches' Gram from the patches ("gram") or
-        from the input's pixels ("input_gram")."""
-        out_size = tuple(g_lin.shape[1:3])
-        x = tf.cast(x, tf.float32)
-        if form == "gram":
-            a = _rows(ghost_norms.patches(x, out_size=out_size, **conv), batch)
-            a_gram = ghost_norms.gram(a)
-        else:
-            a_gram = ghost_norms.input_gram(x, batch, out_size=out_size, **conv)
-        g = tf.cast(_rows(g_lin, batch), tf.float32)
-        if self._ws is None:
-            return ghost_norms.gram_sq_norms(a_gram, g)
-        _, inv_std, _, _ = self._ws
-        # Each patch's sum over its entries: the patches of the input summed
-        # over its channels.
-        patch_sums = tf.reduce_sum(
-            _rows(
-                ghost_norms.patches(
-                    tf.reduce_sum(x, -1, keepdims=True),
-                    out_size=out_size,
-                    **conv,
-                ),
-                batch,
-            ),
-            -1,
-        )
-        return self._ws_sq_norms(
-            ghost_norms.gram_sq_norms(a_gram, g * inv_std),
-            tf.einsum("bn,bnd->bd", patch_sums, g),
-            self._aligned(g_lin, batch),
-        )
-
-    def _aligned(self, g_lin, batch):
-        """`v . U` per example and output channel: `sum_t g_lin * z`."""
-        if self._gain_grads is not None:
-            return self._gain_grads * tf.cast(self._gain, tf.float32)
-        return _per_example_sum(g_lin * self._z, batch)
-
-    def _ws_sq_norms(self, weighted_sq, sums, aligned):
-        _, inv_std, dlog, var = self._ws
-        kh, kw, c_in, _ = self.layer.kernel.shape
-        return ghost_norms.ws_kernel_sq_norms(
-            weighted_sq, sums, aligned, inv_std, dlog, var, kh * kw * c_in
-        )
+    def _shifted_sum(self, g_lin, factors, keep):
+        """The "input_gram" form's parts: the weight gradient on the shifted
+        input with G scaled by c, and the shift's `tau` (per example)."""
+        layer = self.layer
+        rows = g_lin.shape[0]
+        x = _scale(self._shifted, _expand(keep, rows))
+        zero = tf.zeros(layer.kernel.shape)  # the convolution is linear in it
+        with tf.GradientTape() as tape:
+            tape.watch(zero)
+            z = ops.conv(
+                x,
+                zero,
+                strides=layer.strides,
+                padding="valid",
+                data_format="channels_last",
+                dilation_rate=layer.dilation_rate,
+            )
+        g = _scale(g_lin, _expand(factors, rows))
+        total = tape.gradient(z, zero, output_gradients=g)
+        if self._ws is not None:
+            return total, None
+        shift = tf.reshape(self._shift, [-1, 1, 1, 1])
+        return total, _per_example_sum(g_lin * shift, factors.shape[0])
 
 
 def _conv(layer, x):

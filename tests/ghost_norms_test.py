@@ -1,11 +1,14 @@
-"""Per-example norms without per-example gradients, against direct sums."""
+"""Per-example norms without per-example gradients, against direct sums,
+and the clipping bound through the DP step on adversarial inputs."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras_dpscale as kd
 from keras_dpscale import ghost_norms
+from tests.conftest import LOSS
 
 
 def direct_sq_norms(a, g):
@@ -24,9 +27,50 @@ def test_gram_and_per_example_forms_equal_direct_norms(n):
     )
     per_example = np.sum(ghost_norms.outer(a, g).numpy() ** 2, axis=(1, 2))
     np.testing.assert_allclose(per_example, expected, 1e-5)
-    np.testing.assert_allclose(
-        ghost_norms.matmul_sq_norms(a, g), expected, 1e-5
+
+
+def test_centred_norms_add_up_to_the_norms():
+    # ||v_o||^2 = ||v_o - mean(v_o)||^2 + (sum v_o)^2 / p, the first term
+    # from the centred rows' Gram or from the uncentred rows' Gram.
+    rng = np.random.default_rng(1)
+    a = (rng.normal(size=(3, 5, 4)) + 2.0).astype("float32")
+    g = rng.normal(size=(3, 5, 6)).astype("float32")
+    v = np.einsum("bnp,bnd->bpd", a.astype("float64"), g)
+    centred = np.sum((v - v.mean(1, keepdims=True)) ** 2, axis=(1, 2))
+    sums = a.sum(-1)
+    from_centred_rows = ghost_norms.gram_sq_norms(
+        ghost_norms.gram(ghost_norms.centred(a, sums)), g
     )
+    from_gram = ghost_norms.centred_sq_norms(ghost_norms.gram(a), sums, g, 4)
+    np.testing.assert_allclose(from_centred_rows, centred, 1e-5)
+    np.testing.assert_allclose(from_gram, centred, 1e-4)
+    totals = np.einsum("bn,bnd->bd", sums, g)
+    np.testing.assert_allclose(
+        ghost_norms.linear_sq_norms(from_centred_rows, totals, 4),
+        direct_sq_norms(a, g),
+        1e-5,
+    )
+
+
+def test_gram_allowance_bounds_cancellation_and_is_small_otherwise():
+    rng = np.random.default_rng(2)
+    n, p, d = 16, 27, 4
+    g = rng.normal(size=(8, n, d))
+    # Rows at large levels orthogonal to every column of g: the levels'
+    # terms cancel in `sum_st (a_s . a_t)(g_s . g_t)` and leave rounding.
+    levels = []
+    for gi in g:
+        null = np.linalg.svd(gi.T)[2][d:]
+        levels.append(null.T @ rng.normal(size=n - d))
+    levels = 1e3 * np.array(levels)[..., None]
+    noise = 1e-2 * rng.normal(size=(8, n, p))
+    for a in (levels + noise, rng.normal(size=(8, n, p))):
+        exact = direct_sq_norms(a, g)  # float64
+        a32, g32 = a.astype("float32"), g.astype("float32")
+        computed = ghost_norms.gram_sq_norms(ghost_norms.gram(a32), g32)
+        assert np.all(computed.numpy() >= exact)
+    # Ordinary inputs: raised by less than 1e-5.
+    np.testing.assert_allclose(computed, exact, rtol=1e-5)
 
 
 def test_the_cheapest_form_is_chosen():
@@ -110,7 +154,7 @@ def test_input_gram_is_the_patches_gram(
 
 
 @pytest.mark.parametrize("layer_class", ["WSConv2D", "ScaledWSConv2D"])
-def test_weight_standardized_norms_equal_autodiff(layer_class):
+def test_weight_standardized_gradients_and_norms_equal_autodiff(layer_class):
     layer = getattr(kd.layers, layer_class)(5, 3)
     layer.build((None, 6, 6, 4))
     kernel = np.random.default_rng(2).normal(size=(3, 3, 4, 5))
@@ -123,23 +167,31 @@ def test_weight_standardized_norms_equal_autodiff(layer_class):
     for vi in v:
         with tf.GradientTape() as tape:
             unit = layer.standardization(layer.kernel)[0]
-        grad = tape.gradient(unit, layer.kernel, output_gradients=vi)
-        expected.append(np.sum(grad.numpy() ** 2))
+        expected.append(
+            tape.gradient(unit, layer.kernel, output_gradients=vi).numpy()
+        )
+    expected = np.array(expected)
     unit, inv_std, dlog, var = (
         tf.reshape(t, [-1]) if i else t
         for i, t in enumerate(layer.standardization(layer.kernel))
     )
+    grads = ghost_norms.ws_kernel_gradients(
+        v, unit[None], inv_std, dlog, axes=[1, 2, 3]
+    )
+    np.testing.assert_allclose(grads, expected, rtol=1e-4, atol=1e-5)
     flat = v.reshape(4, -1, 5)
+    centred = flat - flat.mean(1, keepdims=True)
     actual = ghost_norms.ws_kernel_sq_norms(
-        np.sum(flat**2 * inv_std.numpy() ** 2, axis=(1, 2)),
-        flat.sum(1),
+        np.sum(centred**2 * inv_std.numpy() ** 2, axis=(1, 2)),
         np.sum(flat * tf.reshape(unit, [-1, 5]).numpy(), 1),
         inv_std,
         dlog,
         var,
         3 * 3 * 4,
     )
-    np.testing.assert_allclose(actual, expected, rtol=1e-4)
+    np.testing.assert_allclose(
+        actual, np.sum(expected**2, axis=(1, 2, 3, 4)), rtol=1e-4
+    )
 
 
 def test_embedding_norms_add_up_repeated_ids():
@@ -154,3 +206,96 @@ def test_embedding_norms_add_up_repeated_ids():
     np.testing.assert_allclose(
         ghost_norms.embedding_sq_norms(ids, g), expected, rtol=1e-5
     )
+
+
+# ---------------------------------------------------------------------------
+# The bound C through the DP step: adding one example to a batch moves the
+# clipped sum by at most C, whatever the example.
+
+IMAGE = (8, 8, 3)
+
+
+def ws_branches():
+    """Every weight-standardized convolution ("valid" and "same", strides 1
+    and 2) on the image, each with GroupNorm and pooling, one Dense head."""
+    i = keras.Input(IMAGE)
+    heads = []
+    for layer in (kd.layers.WSConv2D, kd.layers.ScaledWSConv2D):
+        for padding in ("valid", "same"):
+            for strides in (1, 2):
+                h = layer(4, 3, strides=strides, padding=padding)(i)
+                h = keras.layers.GroupNormalization(2)(h)
+                h = keras.layers.Activation("relu")(h)
+                heads.append(keras.layers.GlobalAveragePooling2D()(h))
+    h = keras.layers.Concatenate()(heads)
+    return kd.DPModel(i, keras.layers.Dense(3)(h))
+
+
+def adversarial_images(rng):
+    """Images whose gradients cancel in naive float32 norms."""
+
+    def near_constant():  # uint8, one level of noise, scaled to [-1, 1]
+        return (200 + rng.integers(-1, 2, IMAGE)) / 127.5 - 1
+
+    return {
+        "ordinary": rng.normal(size=IMAGE),
+        "constant": np.full(IMAGE, 0.6),
+        "near_constant": near_constant(),
+        "offset_30": near_constant() + 30,
+        "offset_1e3": 1e3 + rng.normal(size=IMAGE),
+        "tiny": 1e-4 * rng.normal(size=IMAGE),
+        "huge": 1e3 * rng.normal(size=IMAGE),
+    }
+
+
+def moves_of_the_clipped_sum(model, x, y, clip):
+    """`||S(D) - S(D')|| / C` for D' = D without example k, for each k."""
+    model.compile(
+        optimizer=kd.DPSGD(
+            learning_rate=1.0,
+            momentum=0.0,
+            l2_norm_clip=clip,
+            noise_multiplier=0.0,
+            clipping="fast",
+            batch_size=len(x),
+        ),
+        loss=LOSS,
+    )
+    step = tf.function(
+        lambda x, y, m: model.clipped_gradient_sum(x, y, m)[0],
+        jit_compile=True,
+    )
+
+    def clipped_sum(mask):
+        return [t.numpy().astype("float64") for t in step(x, y, mask)]
+
+    everyone = clipped_sum(np.ones(len(x), "float32"))
+    moves = []
+    for k in range(len(x)):
+        others = clipped_sum(np.float32(np.arange(len(x)) != k))
+        moved = sum(np.sum((a - b) ** 2) for a, b in zip(everyone, others))
+        moves.append(np.sqrt(moved) / clip)
+    return np.array(moves)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("form", ["per_example", "gram", "input_gram"])
+def test_one_example_moves_the_clipped_sum_by_at_most_c(
+    form, policy, monkeypatch, request
+):
+    monkeypatch.setattr(
+        ghost_norms,
+        "cheapest",
+        lambda costs: form if form in costs else "per_example",
+    )
+    if policy == "mixed_bfloat16":
+        request.getfixturevalue("mixed_bfloat16")
+    model = ws_branches()
+    images = adversarial_images(np.random.default_rng(0))
+    x = np.stack(list(images.values())).astype("float32")
+    y = (np.arange(len(x)) % 3).astype("int32")
+    # Every example's gradient norm is far above C: each one is clipped.
+    moves = moves_of_the_clipped_sum(model, x, y, clip=1e-3)
+    report = ", ".join(f"{k}: {m:.6f} C" for k, m in zip(images, moves))
+    assert np.all(moves <= 1 + 1e-4), report
+    assert np.all(moves > 0.99), report
