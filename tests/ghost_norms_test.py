@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import keras_dpscale as kd
 from keras_dpscale import ghost_norms
-from tests.conftest import LOSS
+from tests.soundness_test import compile_step
 
 
 def direct_sq_norms(a, g):
@@ -250,17 +250,7 @@ def adversarial_images(rng):
 
 def moves_of_the_clipped_sum(model, x, y, clip):
     """`||S(D) - S(D')|| / C` for D' = D without example k, for each k."""
-    model.compile(
-        optimizer=kd.DPSGD(
-            learning_rate=1.0,
-            momentum=0.0,
-            l2_norm_clip=clip,
-            noise_multiplier=0.0,
-            clipping="fast",
-            batch_size=len(x),
-        ),
-        loss=LOSS,
-    )
+    compile_step(model, clip, clipping="fast", batch_size=len(x))
     step = tf.function(
         lambda x, y, m: model.clipped_gradient_sum(x, y, m)[0],
         jit_compile=True,

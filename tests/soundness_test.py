@@ -28,14 +28,16 @@ B = 6
 TOLERANCE = 1e-4
 
 
-def compile_step(model, clip, clipping="auto", loss=LOSS, jit_compile=True):
+def compile_step(
+    model, clip, clipping="auto", loss=LOSS, jit_compile=True, batch_size=B
+):
     model.compile(
         optimizer=kd.DPSGD(
             learning_rate=1.0,
             momentum=0.0,
             l2_norm_clip=clip,
             noise_multiplier=0.0,
-            batch_size=B,
+            batch_size=batch_size,
             clipping=clipping,
         ),
         loss=loss,
