@@ -612,20 +612,16 @@ class _LinearTap:
             aligned_sizes=sizes * unit_norms,
         )
 
-    def _centred_rows(self, batch):
-        """The "gram" form's rows, centred, and their sums (the same values
-        for the norms and the clipped sum)."""
-        a = self._rows_of(batch)
-        sums = tf.reduce_sum(a, -1)
-        return ghost_norms.centred(a, sums), sums
-
     def _centred_sq_norms(self, g, batch):
         """`sum_o ||v_o - mean(v_o)||^2` by a Gram form, for `g` `[B, n, d]`
         (weighted per channel for a standardized kernel); and the rows'
         sums and norms, `[B, n]`."""
         if self._form_used == "input_gram":
             return self._input_gram_sq_norms(g, batch)
-        a, sums = self._centred_rows(batch)
+        a = self._rows_of(batch)
+        sums = tf.reduce_sum(a, -1)
+        # Kept: the clipped sum adds the very rows normed here.
+        a = self._centred = ghost_norms.centred(a, sums)
         a_gram = ghost_norms.gram(a)
         row_norms = ghost_norms.row_norms(
             tf.linalg.diag_part(a_gram), sums, a.shape[-1]
@@ -672,7 +668,7 @@ class _LinearTap:
         """The "gram" form's parts: `sum_i c_i a_i^T g_i` of the centred
         rows, and the means taken away (`totals / p`, per example)."""
         batch = factors.shape[0]
-        a, _ = self._centred_rows(batch)
+        a = self._centred
         g = _scale(_rows(g_lin, batch), factors)
         total = tf.einsum("bnp,bnd->pd", _scale(a, keep), g)
         if self._ws is not None:
