@@ -20,9 +20,10 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.10",
         "importlib_resources",  # tfds 4.9.10 needs it to load
         "numpy",
+        "scipy>=1.11",  # auditing statistics (also a dp-accounting dependency)
     ],
     extras_require={
         "plot": ["matplotlib"],
-        "test": ["pytest>=8", "scipy>=1.11", "matplotlib", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "matplotlib", "hypothesis>=6.100"],
     },
 )

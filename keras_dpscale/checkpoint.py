@@ -316,8 +316,9 @@ def restore(model, directory):
     if meta.get("noise_multiplier") is not None and hasattr(
         optimizer, "noise_multiplier"
     ):
-        optimizer.noise_multiplier = meta["noise_multiplier"]
-        optimizer.batch_size = meta["batch_size"]
+        optimizer.dp_config = optimizer.dp_config.with_noise_multiplier(
+            meta["noise_multiplier"], batch_size=meta["batch_size"]
+        )
     state = TrainingState(meta["step"], meta["epoch"], meta["batch"], path)
     _RESTORED[model] = state
     _log.info(

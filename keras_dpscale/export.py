@@ -40,6 +40,8 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from keras_dpscale._compat import keras_private
+
 
 PRIVACY_FILE = "privacy.json"
 
@@ -151,14 +153,10 @@ def _image_shape(model, input_shape):
 
 def _ema_pairs(optimizer):
     """(model variable, its average) pairs; empty if there are no averages."""
-    averages = getattr(optimizer, "_model_variables_moving_average", None)
+    variables, averages = keras_private.ema_averages(optimizer)
     if not (optimizer.use_ema and optimizer.built and averages):
         return []
-    return [
-        (v, a)
-        for v, a in zip(optimizer._trainable_variables, averages)
-        if a is not None
-    ]
+    return [(v, a) for v, a in zip(variables, averages) if a is not None]
 
 
 def export_saved_model(
@@ -221,7 +219,7 @@ def export_saved_model(
         ],
     )
     archive.add_endpoint("privacy", privacy, input_signature=[])
-    root = archive._tf_trackable
+    root = keras_private.export_archive_root(archive)
     root.privacy_json = tf.Variable(text, trainable=False, name="privacy_json")
     raw = [v.numpy() for v, _ in pairs]
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,8 +16,9 @@ fine-tuning costs little more than a forward pass.
 import pickle
 import re
 
-import keras
 import numpy as np
+
+from keras_dpscale import saving
 
 
 def load_backbone(model, source, exclude=("head",)):
@@ -36,7 +37,7 @@ def load_backbone(model, source, exclude=("head",)):
         The names of the layers whose weights were copied.
     """
     if isinstance(source, str):
-        source = keras.saving.load_model(source, compile=False)
+        source = saving.load_model(source, compile=False)
     by_name = {layer.name: layer for layer in source.layers}
     copied = []
     for layer in model.layers:

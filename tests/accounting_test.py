@@ -73,6 +73,31 @@ def test_calibrate_steps_is_the_last_step_within_budget(accountant):
     assert accounting.calibrate_steps(0.01, 1e-5, 0.5, 256, 60_000) == 0
 
 
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_calibrated_sigma_is_the_smallest_within_the_budget(accountant):
+    # Every example in each of 100 steps: one Gaussian mechanism of noise
+    # sigma / 10, whose exact sigma dp-accounting computes analytically.
+    args = (28, 564, 100, 1e-5, accountant, "unknown")
+    sigma = accounting.calibrate_noise_multiplier(
+        0.5, 1e-5, 28, 564, steps=100, accountant=accountant, sampling="unknown"
+    )
+    exact = 10 * dp_accounting.get_sigma_gaussian(0.5, 1e-5)
+    assert sigma >= exact  # no accountant beats the exact epsilon
+    if accountant == "pld":  # tight: within its 1e-4 discretization
+        assert sigma == pytest.approx(exact, rel=1e-3)
+    # Within the budget, and 0.2% less noise would exceed it.
+    assert accounting.compute_epsilon(sigma, *args) <= 0.5
+    assert accounting.compute_epsilon(sigma * (1 - 2e-3), *args) > 0.5
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_huge_target_raises(accountant):
+    with pytest.raises(ValueError, match="sigma would be below 0.1"):
+        accounting.calibrate_noise_multiplier(
+            1e4, 1e-5, 28, 564, steps=100, accountant=accountant
+        )
+
+
 def test_unreachable_target_raises():
     with pytest.raises(ValueError, match="cannot be reached"):
         accounting.calibrate_noise_multiplier(
@@ -127,12 +152,13 @@ def test_each_sampling_has_its_own_honest_event():
     # A partial pass counts whole; floor(N/B) steps make a pass.
     assert accounting.releases(300, 1000, 7, "shuffle") == 3
     # A pipeline the library cannot see into, or a public sample: every
-    # example may be in every step.
+    # example may be in every step (10 steps, within one pass).
+    every_step = gaussian_releases(1.0, 10)
     for kind in ("unknown", "public"):
         eps = accounting.compute_epsilon(
-            1.0, 100, 10_000, 50, 1e-5, sampling=kind
+            1.0, 100, 10_000, 10, 1e-5, sampling=kind
         )
-        assert eps == pytest.approx(gaussian_releases(1.0, 50))
+        assert eps == pytest.approx(every_step)
     with pytest.raises(ValueError, match="sampling must be one of"):
         accounting.compute_epsilon(1.0, 100, 10_000, 5, 1e-5, sampling="x")
 
@@ -169,6 +195,16 @@ def test_remaining_steps_after_a_ledger():
     n = accounting.remaining_steps(ledger, nxt, 60_000, 1e-5, 3.0, "rdp")
     total = accounting.calibrate_steps(3.0, 1e-5, 1.0, 256, 60_000, "rdp")
     assert n == total - 200
+
+
+def test_remaining_steps_limits():
+    nxt = accounting.Segment(1.0, 256, "poisson", 0)
+    args = (60_000, 1e-5, 3.0, "rdp")
+    assert accounting.remaining_steps([], nxt, *args, max_steps=50) == 50
+    no_noise = accounting.Segment(0.0, 256, "poisson", 0)
+    assert accounting.remaining_steps([], no_noise, *args) == 0
+    spent = [accounting.Segment(0.5, 256, "unknown", 1000)]
+    assert accounting.remaining_steps(spent, nxt, *args) == 0
 
 
 def test_truncation_delta_is_one_plus_e_eps_times_overflow_mass():

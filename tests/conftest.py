@@ -122,3 +122,23 @@ def tiny(name, **kwargs):
         if isinstance(layer, kd.layers.SkipInitGain):
             layer.gain.assign(0.5)
     return model
+
+
+# A DP step with sigma = 0 and learning rate 1 (its update is -S/B, the sum S
+# of the clipped gradients), for the tests of the C bound.
+def compile_step(
+    model, clip, clipping="auto", loss=LOSS, jit_compile=True, batch_size=6
+):
+    model.compile(
+        optimizer=kd.DPSGD(
+            learning_rate=1.0,
+            momentum=0.0,
+            l2_norm_clip=clip,
+            noise_multiplier=0.0,
+            batch_size=batch_size,
+        ),
+        loss=loss,
+        clipping=clipping,
+        jit_compile=jit_compile,
+    )
+    return model

@@ -28,7 +28,12 @@ def compile_dp(model, **kwargs):
     kwargs.setdefault("l2_norm_clip", 1.0)
     kwargs.setdefault("noise_multiplier", 1.0)
     kwargs.setdefault("noise_seed", 11)
-    model.compile(optimizer=kd.DPSGD(**kwargs), loss=LOSS, metrics=["accuracy"])
+    step = {
+        k: kwargs.pop(k) for k in ("clipping", "microbatch_size") if k in kwargs
+    }
+    model.compile(
+        optimizer=kd.DPSGD(**kwargs), loss=LOSS, metrics=["accuracy"], **step
+    )
     return model
 
 
@@ -358,9 +363,9 @@ def train(strategy, model_fn, x, y, sigma, clip, accumulation_steps=1,
         model.compile(
             optimizer=kd.DPSGD(learning_rate=1.0, l2_norm_clip=clip,
                                noise_multiplier=sigma, noise_seed=3,
-                               accumulation_steps=accumulation_steps,
-                               clipping=clipping),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                               accumulation_steps=accumulation_steps),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            clipping=clipping)
     before = [v.numpy() for v in model.trainable_variables]
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(
         len(x) // accumulation_steps, drop_remainder=True)
@@ -591,3 +596,24 @@ def test_the_dp_step_compiles_once(tmp_path):
         if "one_step_on_data" in p.name
     }
     assert len(steps) == 1, sorted(steps)
+
+
+@pytest.mark.parametrize("clipping", ["fast", "vectorized"])
+def test_metrics_count_only_the_real_rows_of_a_padded_batch(clipping):
+    model = kd.make_private(tiny_models()[0])
+    x, y = inputs_for(model, 12)
+    mask = np.array([1.0] * 5 + [0.0] * 7, "float32")
+    y = np.where(mask == 1, y, 0)  # padding rows that would often be "right"
+    compile_dp(
+        model,
+        learning_rate=0.0,
+        noise_multiplier=0.0,
+        batch_size=5,
+        clipping=clipping,
+    )
+    pred = np.argmax(model(x), -1)
+    real = np.mean((pred == y)[mask == 1])
+    logs = model.train_on_batch(
+        x, y, sample_weight={kd.sampling.MASK: mask}, return_dict=True
+    )
+    assert logs["accuracy"] == pytest.approx(real)

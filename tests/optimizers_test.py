@@ -24,7 +24,8 @@ def dpsgd(**kwargs):
         ({"l2_norm_clip": -1.0}, "l2_norm_clip must be > 0"),
         ({"noise_multiplier": -0.1}, "noise_multiplier must be >= 0"),
         ({"accumulation_steps": 0}, "accumulation_steps"),
-        ({"microbatch_size": 0}, "microbatch_size"),
+        ({"microbatch_size": 8}, "model.compile"),
+        ({"clipping": "fast"}, "model.compile"),
         ({"gradient_accumulation_steps": 4}, "Use accumulation_steps"),
         ({"loss_scale_factor": 128.0}, "loss_scale_factor"),
     ],
@@ -42,34 +43,58 @@ def test_plain_apply_raises():
     np.testing.assert_array_equal(v.numpy(), 1.0)
 
 
-class Recorder:
-    """Counts the logical steps that the optimizer records."""
+class FixedSums:
+    """A clipping engine that returns a given clipped sum: the optimizer's
+    half of the private step (accumulate, noise once, apply) is then tested
+    through the real `train_step`, apart from the clipping engines."""
 
-    def __init__(self):
-        self.steps = keras.Variable(0, dtype="int64")
+    clipping, microbatch_size = "fixed", None
 
-    def __call__(self, sigma, batch_size, num_examples, rows):
-        self.steps.assign_add(1)
+    def __init__(self, size):
+        self.current = tf.Variable(tf.zeros([1, size]))
+
+    def clipped_gradient_sum(self, model, x, y, mask, l2_norm_clip):
+        batch = tf.shape(x)[0]
+        return [tf.identity(self.current)], tf.zeros([batch]), y
+
+
+def private_model(opt, size):
+    """A DP model with one `[1, size]` kernel, compiled with `opt`, whose
+    clipped sums are set by hand (`model._dp_engine.current`)."""
+    model = kd.DPSequential(
+        [
+            keras.Input((1,)),
+            keras.layers.Dense(
+                size, use_bias=False, kernel_initializer="zeros"
+            ),
+        ]
+    )
+    model.compile(optimizer=opt, loss="mse")
+    model._dp_engine = FixedSums(size)
+    return model
+
+
+def logical_steps(model):
+    return sum(segment.steps for segment in model.privacy_ledger())
 
 
 def private_update(
-    opt, grad_sums, physical_batch_size, size=20000, record=None
+    opt, grad_sums, physical_batch_size, size=20000, padded=False
 ):
-    """Runs apply_private_gradients and returns the change of a variable."""
-    v = keras.Variable(np.zeros(size, "float32"))
-    record = record or Recorder()
-    step = tf.function(
-        lambda g: opt.apply_private_gradients(
-            [g], [v], physical_batch_size, record
-        ),
-        jit_compile=True,
-    )
+    """Runs the private step on the given clipped sums (one per physical
+    batch) and returns the change of the weights after each."""
+    model = private_model(opt, size)
+    v = model.trainable_variables[0]
+    x = np.zeros((physical_batch_size, 1), "float32")
+    y = np.zeros((physical_batch_size, size), "float32")
+    mask = {kd.sampling.MASK: np.ones(physical_batch_size, "float32")}
     changes = []
     for g in grad_sums:
         before = v.numpy().copy()
-        step(tf.constant(g, tf.float32))
-        changes.append(v.numpy() - before)
-    return changes
+        model._dp_engine.current.assign(np.reshape(g, [1, size]))
+        model.train_on_batch(x, y, sample_weight=mask if padded else None)
+        changes.append((v.numpy() - before)[0])
+    return changes, model
 
 
 @pytest.mark.parametrize("accumulation_steps", [1, 4])
@@ -86,11 +111,8 @@ def test_noise_std_is_sigma_c_over_b_once_per_logical_batch(
         noise_seed=3,
     )
     zeros = np.zeros(20000, "float32")
-    record = Recorder()
-    changes = private_update(
-        opt, [zeros] * accumulation_steps, physical, record=record
-    )
-    assert int(record.steps.numpy()) == 1  # recorded once, with the noise
+    changes, model = private_update(opt, [zeros] * accumulation_steps, physical)
+    assert logical_steps(model) == 1  # recorded once, with the noise
     for c in changes[:-1]:  # no update, and so no noise, before the last
         np.testing.assert_array_equal(c, 0.0)
     update = -changes[-1]
@@ -107,7 +129,7 @@ def test_zero_noise_gives_mean_of_sums_and_rescale_to_unit_norm():
     g = np.linspace(-1, 1, 6).astype("float32")
     plain = private_update(
         dpsgd(learning_rate=0.1, noise_multiplier=0.0), [g], 4, size=6
-    )[0]
+    )[0][0]
     np.testing.assert_allclose(plain, -0.1 * g / 4, rtol=1e-6)
     rescaled = private_update(
         dpsgd(
@@ -119,7 +141,7 @@ def test_zero_noise_gives_mean_of_sums_and_rescale_to_unit_norm():
         [g],
         4,
         size=6,
-    )[0]
+    )[0][0]
     np.testing.assert_allclose(rescaled, -0.1 * g / 4 / 0.5, rtol=1e-6)
 
 
@@ -128,28 +150,24 @@ def test_explicit_batch_size_is_the_divisor():
     # the expected batch size B is the divisor.
     g = np.ones(4, "float32")
     opt = dpsgd(learning_rate=1.0, noise_multiplier=0.0, batch_size=10)
-    v = keras.Variable(np.zeros(4, "float32"))
-    record = Recorder()
-    tf.function(
-        lambda: opt.apply_private_gradients(
-            [tf.constant(g)], [v], 16, record, padded=True
-        )
-    )()
-    np.testing.assert_allclose(v.numpy(), -0.1, rtol=1e-6)
+    (change,), _ = private_update(opt, [g], 16, size=4, padded=True)
+    np.testing.assert_allclose(change, -0.1, rtol=1e-6)
     # Unpadded batches hold B examples: a batch_size that disagrees raises.
+    opt = dpsgd(learning_rate=1.0, noise_multiplier=0.0, batch_size=10)
     with pytest.raises(ValueError, match="Make them agree"):
         private_update(opt, [g], 16, size=4)
 
 
 def test_batch_size_must_match_shuffled_batches():
     with pytest.raises(ValueError, match="Make them agree"):
-        dpsgd(batch_size=10, accumulation_steps=2).logical_batch_size(4)
-    assert dpsgd(batch_size=8, accumulation_steps=2).logical_batch_size(4) == 8
+        dpsgd(batch_size=10, accumulation_steps=2)._logical_batch_size(4, False)
+    opt = dpsgd(batch_size=8, accumulation_steps=2)
+    assert opt._logical_batch_size(4, False) == 8
 
 
 def test_unknown_batch_size_raises():
     with pytest.raises(ValueError, match="drop_remainder=True"):
-        dpsgd().logical_batch_size(None)
+        dpsgd().prepare([], None, padded=False)
 
 
 @pytest.mark.parametrize("cls", [kd.DPSGD, kd.DPAdam])
@@ -159,7 +177,6 @@ def test_config_round_trip(cls):
         l2_norm_clip=2.0,
         noise_multiplier=1.5,
         accumulation_steps=4,
-        microbatch_size=8,
         batch_size=256,
         rescale_to_unit_norm=True,
         use_ema=True,
@@ -229,14 +246,12 @@ def test_sigma_from_budget_is_calibrated_and_serialized():
 
 def test_setting_sigma_changes_the_noise():
     opt = dpsgd(learning_rate=1.0, noise_multiplier=5.0, noise_seed=1)
-    v = keras.Variable(np.zeros(1000, "float32"))
-    record = Recorder()
-    step = tf.function(
-        lambda: opt.apply_private_gradients([tf.zeros(1000)], [v], 10, record)
-    )
-    step()
+    model = private_model(opt, 1000)
+    x, y = np.zeros((10, 1), "float32"), np.zeros((10, 1000), "float32")
+    model.train_on_batch(x, y)
+    v = model.trainable_variables[0]
     assert np.std(v.numpy()) == pytest.approx(0.5, rel=0.1)
     opt.noise_multiplier = 0.0
     before = v.numpy().copy()
-    step()
+    model.train_on_batch(x, y)  # the same traced step
     np.testing.assert_array_equal(v.numpy(), before)

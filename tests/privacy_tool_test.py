@@ -32,6 +32,7 @@ def test_epsilon_of_a_run_and_plot(tmp_path):
         "--steps=200",
         "--delta=1e-5",
         f"--plot={png}",
+        "--plot_points=6",
     )
     for sigma in (1.0, 2.0):
         for accountant in ("pld", "rdp"):

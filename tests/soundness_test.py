@@ -22,28 +22,10 @@ from hypothesis import strategies as st
 from keras import ops
 
 import keras_dpscale as kd
-from tests.conftest import LOSS
+from tests.conftest import compile_step
 
 B = 6
 TOLERANCE = 1e-4
-
-
-def compile_step(
-    model, clip, clipping="auto", loss=LOSS, jit_compile=True, batch_size=B
-):
-    model.compile(
-        optimizer=kd.DPSGD(
-            learning_rate=1.0,
-            momentum=0.0,
-            l2_norm_clip=clip,
-            noise_multiplier=0.0,
-            batch_size=batch_size,
-            clipping=clipping,
-        ),
-        loss=loss,
-        jit_compile=jit_compile,
-    )
-    return model
 
 
 def clipped_sum(model, x, y, mask):

@@ -45,7 +45,7 @@ flags.DEFINE_enum(
     "per_offset",
     ["per_offset", "while_loop"],
     "The vectorized engine's per-example conv filter gradients: "
-    "keras_dpscale.pfor_conv's batched matmul per kernel offset, or "
+    "keras_dpscale.engines.pfor_conv's batched matmul per kernel offset, or "
     "TensorFlow's own pfor converter (a while_loop over examples).",
 )
 flags.DEFINE_integer(
@@ -65,11 +65,12 @@ def build(engine, batch_size):
     import numpy as np
 
     import keras_dpscale as kd
-    from keras_dpscale import pfor_conv
+    from keras_dpscale.engines import pfor_conv
     from keras_dpscale.models import wide_resnet
 
     if FLAGS.conv_grad == "while_loop":
-        pfor_conv.uninstall()
+        # The engines install the converter when they trace: keep TF's.
+        pfor_conv.install = pfor_conv.uninstall
 
     model = wide_resnet(
         FLAGS.depth,
@@ -82,15 +83,16 @@ def build(engine, batch_size):
             learning_rate=0.1,
             l2_norm_clip=1.0,
             noise_multiplier=1.0,
-            microbatch_size=FLAGS.microbatch_size,
-            clipping=engine,
         )
+        step = dict(microbatch_size=FLAGS.microbatch_size, clipping=engine)
     else:
         optimizer = keras.optimizers.SGD(learning_rate=0.1)
+        step = {}
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=True,
+        **step,
     )
     rng = np.random.default_rng(0)
     shape = (batch_size, FLAGS.image_size, FLAGS.image_size, 3)

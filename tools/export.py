@@ -33,11 +33,9 @@ FLAGS = flags.FLAGS
 
 def main(_):
     logging.set_verbosity(logging.ERROR)
-    import keras
+    import keras_dpscale
 
-    import keras_dpscale  # registers the DP classes for loading
-
-    model = keras.models.load_model(FLAGS.model_path)
+    model = keras_dpscale.load_model(FLAGS.model_path)
     record = keras_dpscale.export_saved_model(
         model, FLAGS.output_dir, use_ema=not FLAGS.no_ema, delta=FLAGS.delta
     )

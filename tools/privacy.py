@@ -28,6 +28,7 @@ flags.DEFINE_integer("steps", None, "Logical steps.")
 flags.DEFINE_float("epochs", None, "Epochs (steps = ceil(epochs * N / B)).")
 flags.DEFINE_enum("sampling", "poisson", accounting.SAMPLING, "Sampling.")
 flags.DEFINE_string("plot", None, "Write epsilon against steps to this PNG.")
+flags.DEFINE_integer("plot_points", 30, "Points per curve of --plot.")
 FLAGS = flags.FLAGS
 
 
@@ -118,7 +119,7 @@ def main(_):
                     f"epsilon={eps:.4f}"
                 )
     if FLAGS.plot:
-        plot(FLAGS.plot, sigmas, steps)
+        plot(FLAGS.plot, sigmas, steps, points=FLAGS.plot_points)
 
 
 if __name__ == "__main__":

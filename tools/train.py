@@ -4,8 +4,11 @@
     python tools/train.py --config configs/cifar10_wrn_16_4_eps8.gin \
         --gin_bindings "train_and_evaluate.epochs = 1" --strategy mirrored
 
-The config states the data, the model and the DPSGD settings
-(`keras_dpscale.experiment.train_and_evaluate`); the run prints a progress
+The config states the data, the model and the DP settings (the builders of
+`keras_dpscale.experiment`, called by `train_and_evaluate`). It names no
+location: the data are read from --data_dir (default: the environment
+variable KERAS_DPSCALE_DATA_DIR, else ../shared/data beside the
+repository; see `experiment.default_data_dir`). The run prints a progress
 bar with epsilon, writes TensorBoard logs, the operative config, result.json
 and a SavedModel with the privacy record to --model_dir, and ends with one
 line: test accuracy and epsilon. `tools/train_tpu.py` is the same launcher
@@ -16,7 +19,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import gin  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -31,6 +33,14 @@ flags.DEFINE_multi_string(
 )
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings (override).")
 flags.DEFINE_string("model_dir", "/tmp/keras_dpscale", "Output directory.")
+flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Data directory: the config's image_folder/manual_dir are relative to "
+    "it, and tfds reads prepared datasets from it (local or gs://). "
+    f"Default: ${experiment.DATA_DIR_ENV}, else ../shared/data beside the "
+    "repository.",
+)
 flags.DEFINE_enum(
     "strategy", "default", distribute.STRATEGIES, "tf.distribute strategy."
 )
@@ -40,9 +50,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    gin.parse_config_files_and_bindings(FLAGS.config, FLAGS.gin_bindings)
+    experiment.parse_config(FLAGS.config, FLAGS.gin_bindings)
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu)
-    result = experiment.train_and_evaluate(FLAGS.model_dir, strategy)
+    result = experiment.train_and_evaluate(
+        FLAGS.model_dir, strategy, FLAGS.data_dir
+    )
     print(result["privacy_statement"])
     print(
         f"test accuracy {result['test_accuracy']:.4f}, epsilon "

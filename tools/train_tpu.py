@@ -1,10 +1,10 @@
 """The DP training launcher for Cloud TPU: `tools/train.py` with TPUStrategy.
 
     python tools/train_tpu.py --config configs/imagenet_nfnet_f3.gin \
-        --tpu=$TPU_NAME --model_dir=gs://bucket/run
+        --tpu=$TPU_NAME --model_dir=gs://bucket/run --data_dir=gs://bucket/tfds
 
-Same flags as `tools/train.py`; `--strategy` defaults to "tpu" (on a TPU VM,
-`--tpu=local`).
+Same flags as `tools/train.py` (`--data_dir`: where tfds finds the prepared
+datasets); `--strategy` defaults to "tpu" (on a TPU VM, `--tpu=local`).
 """
 
 import os

@@ -29,8 +29,9 @@ Canaries (`DiracCanaries`, `input_space_canaries`) and the audited training
 runs (`whitebox_audit`, `blackbox_audit`) follow; `write_report` writes the
 JSON report and the PNG of the score distributions.
 
-The statistics use numpy and `math` only (binomial tails in log space); scipy
-is not needed.
+The binomial tails and Clopper-Pearson bounds come from `scipy.stats` (which
+dp-accounting installs), the Gaussian mechanism's exact epsilon from
+dp-accounting's analytic `get_epsilon_gaussian`.
 """
 
 from keras_dpscale.auditing.canaries import DiracCanaries

@@ -108,20 +108,11 @@ def train_with_canaries(
         raise ValueError(
             f"sampling_rate must be in (0, 1], got {sampling_rate}."
         )
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     labels = np.asarray(labels)
     rows = len(labels)
     batch_size = max(1, round(sampling_rate * rows))
     draws = poisson_draws(rows, batch_size / rows, steps, sampling_seed)
-    masks = (draws & np.asarray(in_training_set, bool)).astype(np.float32)
-    k = int(accumulation_steps)
-    padding = -rows % k  # copies of row 0 that are never sampled
-    pad = lambda a: np.concatenate([a, np.repeat(a[:1], padding, 0)])
-    inputs = tuple(pad(np.asarray(x)) for x in inputs)
-    labels = pad(labels)
-    masks = np.concatenate([masks, np.zeros((steps, padding), np.float32)], 1)
-    # Step t's physical batch j holds rows [j, j + 1) * (rows + padding) / k.
-    masks = masks.reshape(steps * k, -1)
+    sampling = sampling_of(sampling_seed)
     optimizer = optimizers.DPSGD(
         learning_rate=learning_rate,
         momentum=0.0,
@@ -132,40 +123,20 @@ def train_with_canaries(
         batch_size=batch_size,
         num_examples=rows,
         target_delta=delta,
-        sampling=_PLANNED[sampling_of(sampling_seed).kind],
+        sampling=_PLANNED[sampling.kind],
         accountant=accountant,
-        accumulation_steps=k,
+        accumulation_steps=int(accumulation_steps),
         noise_seed=noise_seed,
     )
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    chunks = [tf.constant(np.stack(np.split(x, k))) for x in inputs]
-    targets = tf.constant(np.stack(np.split(labels, k)))
-
-    def batch(index, mask):
-        j = index % k
-        features = tuple(c[j] for c in chunks)
-        features = features if len(features) > 1 else features[0]
-        return features, targets[j], {dp_model.MASK: mask}
-
-    dataset = tf.data.Dataset.from_tensor_slices(
-        (np.arange(steps * k), masks)
-    ).map(tf.autograph.experimental.do_not_convert(batch))
-    sampling_lib.attach(dataset, sampling_of(sampling_seed))
+    masks = draws & np.asarray(in_training_set, bool)
+    dataset = _masked_batches(inputs, labels, masks, int(accumulation_steps))
+    sampling_lib.attach(dataset, sampling)
     observations = []
-    callbacks = []
-    if observe is not None:
-        callbacks.append(
-            keras.callbacks.LambdaCallback(
-                on_train_batch_end=lambda batch, logs: (
-                    observations.append(observe())
-                    if (batch + 1) % k == 0
-                    else None
-                )
-            )
-        )
+    callbacks = _observer(observe, int(accumulation_steps), observations)
     model.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
     if int(optimizer.iterations) != steps:
         raise RuntimeError(
@@ -173,6 +144,62 @@ def train_with_canaries(
             "steps (privacy budget?)."
         )
     return optimizer, draws, observations
+
+
+def _masked_batches(inputs, labels, masks, k):
+    """The dataset of the k physical batches of each step, all rows masked.
+
+    Args:
+        inputs: the model's inputs for all rows (array or tuple of arrays).
+        labels: `[rows]` labels.
+        masks: `[steps, rows]` booleans: the rows in each step's sample.
+        k: the accumulation steps.
+
+    Returns:
+        A `tf.data.Dataset` of `(features, labels, {MASK: mask})`, `k` per
+        logical step; step t's physical batch j holds rows
+        [j, j + 1) * (rows + padding) / k, padded with copies of row 0 that
+        are never sampled.
+    """
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    steps, rows = masks.shape
+    padding = -rows % k
+
+    def pad(a):
+        return np.concatenate([a, np.repeat(a[:1], padding, 0)])
+
+    chunks = [
+        tf.constant(np.stack(np.split(pad(np.asarray(x)), k))) for x in inputs
+    ]
+    targets = tf.constant(np.stack(np.split(pad(labels), k)))
+    masks = np.concatenate(
+        [masks.astype(np.float32), np.zeros((steps, padding), np.float32)], 1
+    ).reshape(steps * k, -1)
+
+    def batch(index, mask):
+        j = index % k
+        features = tuple(c[j] for c in chunks)
+        features = features if len(features) > 1 else features[0]
+        return features, targets[j], {dp_model.MASK: mask}
+
+    return tf.data.Dataset.from_tensor_slices(
+        (np.arange(steps * k), masks)
+    ).map(tf.autograph.experimental.do_not_convert(batch))
+
+
+def _observer(observe, k, observations):
+    """Callbacks that append `observe()` to `observations` after each
+    logical step (every k physical batches); none without `observe`."""
+    if observe is None:
+        return []
+
+    def on_train_batch_end(batch, logs):
+        if (batch + 1) % k == 0:
+            observations.append(observe())
+
+    return [
+        keras.callbacks.LambdaCallback(on_train_batch_end=on_train_batch_end)
+    ]
 
 
 @dataclasses.dataclass
@@ -332,44 +359,17 @@ def whitebox_audit(
     Returns:
         An `AuditResult`.
     """
-    if adversary not in ("final", "knows_sampling"):
-        raise ValueError(f"Unknown adversary {adversary!r}.")
-    if adversary == "knows_sampling" and sampling_seed is None:
-        raise ValueError(
-            "The 'knows_sampling' adversary needs a public sampling_seed: a "
-            "secret sample cannot be known."
-        )
+    _check_adversary(adversary, sampling_seed)
     start = time.time()
     keras.utils.set_random_seed(seed)
-    rng = np.random.default_rng([seed, 5])
-    teacher = rng.normal(size=(num_features, num_classes))
-    x = rng.normal(size=(num_ordinary, num_features))
-    y = np.argmax(x @ teacher, axis=1)
-    m = num_canaries
-    inputs = (
-        np.concatenate([x, np.zeros((m, num_features))]).astype(np.float32),
-        np.concatenate([-np.ones(num_ordinary), np.arange(m)]).astype(np.int32),
+    inputs, labels = _linear_task(
+        num_ordinary, num_features, num_classes, num_canaries, seed
     )
-    labels = np.concatenate([y, np.zeros(m)]).astype(np.int32)
-    included = draw_inclusion(m, seed)
-
-    features = keras.Input((num_features,), name="features")
-    canary_index = keras.Input((), dtype="int32", name="canary_index")
-    logits = keras.layers.Dense(num_classes)(features)
-    canaries = DiracCanaries(m, canary_gradient_norm)
-    model = dp_model.DPModel(
-        [features, canary_index], canaries([logits, canary_index])
+    included = draw_inclusion(num_canaries, seed)
+    model, canaries = _dirac_model(
+        num_features, num_classes, num_canaries, canary_gradient_norm
     )
-    initial = canaries.canary_weights.numpy().copy()
-
-    def score(draws, iterates):
-        if adversary == "final":
-            return canaries.canary_weights.numpy() - initial
-        # Each step's move of each canary's coordinate, summed over the
-        # steps whose sample would hold that canary.
-        moves = np.diff(np.stack([initial] + iterates), axis=0)
-        return np.sum(moves * draws[:, num_ordinary:], axis=0)
-
+    score, observe = _dirac_adversary(canaries, adversary, num_ordinary)
     return _train_and_audit(
         "whitebox",
         model,
@@ -379,13 +379,9 @@ def whitebox_audit(
         num_ordinary,
         score=score,
         training=_training(locals()),
-        observe=(
-            (lambda: canaries.canary_weights.numpy().copy())
-            if adversary == "knows_sampling"
-            else None
-        ),
+        observe=observe,
         settings=dict(
-            num_canaries=m,
+            num_canaries=num_canaries,
             num_ordinary=num_ordinary,
             canary_gradient_norm=canary_gradient_norm,
             adversary=adversary,
@@ -395,6 +391,76 @@ def whitebox_audit(
         guess_counts=guess_counts,
         start=start,
     )
+
+
+def _check_adversary(adversary, sampling_seed):
+    """Raises ValueError for an unknown adversary, or one that would know a
+    secret sample."""
+    if adversary not in ("final", "knows_sampling"):
+        raise ValueError(f"Unknown adversary {adversary!r}.")
+    if adversary == "knows_sampling" and sampling_seed is None:
+        raise ValueError(
+            "The 'knows_sampling' adversary needs a public sampling_seed: a "
+            "secret sample cannot be known."
+        )
+
+
+def _linear_task(num_ordinary, num_features, num_classes, num_canaries, seed):
+    """The white-box audit's rows: ordinary examples, then m canaries.
+
+    Ordinary example i has Gaussian features, the label of a random linear
+    teacher and canary index -1; canary i has zero features, label 0 and
+    canary index i.
+
+    Returns:
+        `((features, canary_index), labels)` for all rows.
+    """
+    rng = np.random.default_rng([seed, 5])
+    teacher = rng.normal(size=(num_features, num_classes))
+    x = rng.normal(size=(num_ordinary, num_features))
+    y = np.argmax(x @ teacher, axis=1)
+    m = num_canaries
+    features = np.concatenate([x, np.zeros((m, num_features))])
+    index = np.concatenate([-np.ones(num_ordinary), np.arange(m)])
+    labels = np.concatenate([y, np.zeros(m)]).astype(np.int32)
+    return (features.astype(np.float32), index.astype(np.int32)), labels
+
+
+def _dirac_model(num_features, num_classes, num_canaries, gradient_norm):
+    """A linear classifier followed by `DiracCanaries`: `(model, canaries)`."""
+    features = keras.Input((num_features,), name="features")
+    canary_index = keras.Input((), dtype="int32", name="canary_index")
+    logits = keras.layers.Dense(num_classes)(features)
+    canaries = DiracCanaries(num_canaries, gradient_norm)
+    model = dp_model.DPModel(
+        [features, canary_index], canaries([logits, canary_index])
+    )
+    return model, canaries
+
+
+def _dirac_adversary(canaries, adversary, num_ordinary):
+    """How the white-box adversary scores the canaries (`whitebox_audit`).
+
+    Returns:
+        `(score, observe)`: `score(draws, iterates)` gives the `[m]` canary
+        scores; `observe()` (None for "final") records the canary weights
+        after each step.
+    """
+    initial = canaries.canary_weights.numpy().copy()
+
+    def final(draws, iterates):
+        return canaries.canary_weights.numpy() - initial
+
+    if adversary == "final":
+        return final, None
+
+    def knows_sampling(draws, iterates):
+        # Each step's move of each canary's coordinate, summed over the
+        # steps whose sample would hold that canary.
+        moves = np.diff(np.stack([initial] + iterates), axis=0)
+        return np.sum(moves * draws[:, num_ordinary:], axis=0)
+
+    return knows_sampling, lambda: canaries.canary_weights.numpy().copy()
 
 
 def blackbox_audit(

@@ -1,15 +1,20 @@
 """The statistics of privacy audits: one run (Steinke et al. 2023), many runs.
 
-The functions use numpy and `math` only (binomial tails in log space).
+Binomial tails and Clopper-Pearson bounds come from `scipy.stats` (a
+dependency of dp-accounting), the Gaussian mechanism's exact epsilon from
+dp-accounting's analytic formula.
 """
 
 import dataclasses
 import math
 
+import dp_accounting
 import numpy as np
+from scipy import special
+from scipy import stats
 
 # ---------------------------------------------------------------------------
-# Binomial tails (exact, in log space).
+# Binomial tails (`scipy.stats.binom`).
 # ---------------------------------------------------------------------------
 
 
@@ -23,48 +28,17 @@ def binomial_pmf(n, p):
     Returns:
         float64 array of length n + 1.
     """
-    k = np.arange(n + 1, dtype=np.float64)
-    if p <= 0.0 or p >= 1.0:
-        return (k == (n if p >= 1.0 else 0)).astype(np.float64)
-    # log C(n, k) = sum_{j=1..k} log((n - j + 1) / j).
-    j = np.arange(1, n + 1, dtype=np.float64)
-    log_comb = np.concatenate([[0.0], np.cumsum(np.log((n - j + 1) / j))])
-    log_pmf = log_comb + k * math.log(p) + (n - k) * math.log1p(-p)
-    return np.exp(log_pmf)
-
-
-def _logistic_log(epsilon):
-    """(log q, log (1 - q)) for q = e^eps / (e^eps + 1), without overflow."""
-    return -math.log1p(math.exp(-epsilon)), -epsilon - math.log1p(
-        math.exp(-epsilon)
-    )
-
-
-def _binomial_pmf_logistic(n, epsilon):
-    """`binomial_pmf(n, q)` with q = e^eps / (1 + e^eps), stable for big eps."""
-    log_q, log_1mq = _logistic_log(epsilon)
-    k = np.arange(n + 1, dtype=np.float64)
-    j = np.arange(1, n + 1, dtype=np.float64)
-    log_comb = np.concatenate([[0.0], np.cumsum(np.log((n - j + 1) / j))])
-    return np.exp(log_comb + k * log_q + (n - k) * log_1mq)
+    return stats.binom.pmf(np.arange(n + 1), n, p)
 
 
 def binomial_cdf(k, n, p):
     """P[Binomial(n, p) <= k]."""
-    if k < 0:
-        return 0.0
-    if k >= n:
-        return 1.0
-    return float(min(1.0, np.sum(binomial_pmf(n, p)[: k + 1])))
+    return float(stats.binom.cdf(k, n, p))
 
 
 def binomial_sf(k, n, p):
-    """P[Binomial(n, p) >= k] (the survival function at k - 1)."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    return float(min(1.0, np.sum(binomial_pmf(n, p)[k:])))
+    """P[Binomial(n, p) >= k] (scipy's survival function at k - 1)."""
+    return float(stats.binom.sf(k - 1, n, p))
 
 
 # ---------------------------------------------------------------------------
@@ -106,12 +80,15 @@ def one_run_p_value(m, r, v, epsilon, delta):
         )
     if v == 0:
         return 1.0
-    pmf = _binomial_pmf_logistic(r, epsilon)
-    beta = float(np.sum(pmf[v:]))  # P[Binomial(r, q) >= v]
+    # The wrong guesses r - W ~ Binomial(r, 1 - q), 1 - q = 1 / (e^eps + 1):
+    # accurate where q rounds to 1.
+    wrong = special.expit(-epsilon)
+    beta = float(stats.binom.cdf(r - v, r, wrong))  # P[Binomial(r, q) >= v]
     alpha = 0.0
     if delta > 0:
         # P[v > Binomial(r, q) >= v - i] for i = 1..v, divided by i.
-        below = np.cumsum(pmf[:v][::-1])
+        wrong_counts = np.arange(r - v + 1, r + 1)
+        below = np.cumsum(stats.binom.pmf(wrong_counts, r, wrong))
         alpha = float(np.max(below / np.arange(1, v + 1)))
     return min(1.0, beta + alpha * delta * 2 * m)
 
@@ -287,38 +264,28 @@ def one_run_audit(scores, included, delta, confidence=0.95, guess_counts=None):
 # ---------------------------------------------------------------------------
 
 
-def _bisect(f, lo, hi, iterations=100):
-    """x in [lo, hi] with f(x) = 0, for f increasing with f(lo) <= 0 <= f(hi)."""
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        if f(mid) < 0:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
 def clopper_pearson_upper(k, n, significance):
     """One-sided exact upper bound p on a binomial proportion.
 
     The p with P[Binomial(n, p) <= k] = significance (1 if k = n): with
-    probability >= 1 - significance, the true proportion is <= p.
-    Equals `scipy.stats.beta.ppf(1 - significance, k + 1, n - k)`.
+    probability >= 1 - significance, the true proportion is <= p. It is
+    the (1 - significance) quantile of Beta(k + 1, n - k).
     """
     if not 0 <= k <= n or n < 1:
         raise ValueError(f"Need 0 <= k <= n, n >= 1; got k={k}, n={n}.")
     if k == n:
         return 1.0
-    return _bisect(lambda p: significance - binomial_cdf(k, n, p), 0.0, 1.0)
+    return float(stats.beta.ppf(1.0 - significance, k + 1, n - k))
 
 
 def clopper_pearson_lower(k, n, significance):
-    """One-sided exact lower bound: P[Binomial(n, p) >= k] = significance."""
+    """One-sided exact lower bound: P[Binomial(n, p) >= k] = significance,
+    the significance quantile of Beta(k, n - k + 1) (0 if k = 0)."""
     if not 0 <= k <= n or n < 1:
         raise ValueError(f"Need 0 <= k <= n, n >= 1; got k={k}, n={n}.")
     if k == 0:
         return 0.0
-    return _bisect(lambda p: binomial_sf(k, n, p) - significance, 0.0, 1.0)
+    return float(stats.beta.ppf(significance, k, n - k + 1))
 
 
 def clopper_pearson(k, n, confidence=0.95):
@@ -445,26 +412,9 @@ def many_run_audit(
 def gaussian_epsilon(mu, delta):
     """The exact epsilon at delta of the Gaussian mechanism with mu = Delta/sigma.
 
-    Solves delta = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)
-    (Balle & Wang 2018) by bisection; a reference for tests and reports.
+    The solution of delta = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)
+    (Balle & Wang 2018), from dp-accounting's analytic
+    `get_epsilon_gaussian` (not its accountants): a reference for tests
+    and reports.
     """
-
-    def phi(x):
-        return 0.5 * math.erfc(-x / math.sqrt(2.0))
-
-    def log_phi(x):
-        if x > -30.0:
-            return math.log(max(phi(x), 1e-300))
-        # Asymptotic expansion of the normal tail (relative error < 1e-3).
-        return -0.5 * x * x - math.log(-x) - 0.5 * math.log(2 * math.pi)
-
-    def delta_of(eps):
-        second = math.exp(min(700.0, eps + log_phi(-eps / mu - mu / 2)))
-        return phi(-eps / mu + mu / 2) - second
-
-    if delta_of(0.0) <= delta:
-        return 0.0
-    hi = 1.0
-    while delta_of(hi) > delta and hi < 1e4:
-        hi *= 2.0
-    return _bisect(lambda e: delta - delta_of(e), 0.0, hi)
+    return float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta))

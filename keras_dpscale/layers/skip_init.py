@@ -3,6 +3,9 @@
 import keras
 from keras import ops
 
+from keras_dpscale import rules
+from keras_dpscale.rules import normalization
+
 
 @keras.saving.register_keras_serializable(package="keras_dpscale")
 class SkipInitGain(keras.layers.Layer):
@@ -36,3 +39,8 @@ class SkipInitGain(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "initial_value": self.initial_value}
+
+
+@rules.register_rule(SkipInitGain)
+class SkipInitGainRule(normalization.ScalarGainRule):
+    """The fast engine's rule for `SkipInitGain`: a scalar gain."""

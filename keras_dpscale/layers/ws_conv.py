@@ -7,10 +7,16 @@ per-example clipping, unlike BatchNormalization. De et al. 2022 use it in
 their GroupNorm Wide ResNets; the NFNets of Brock et al. 2021 use the scaled
 form with a learnable gain, which preserves the signal's variance without any
 activation normalization.
+
+Both register their fast-clipping rule (`WSConvRule`, `keras_dpscale.rules`):
+the conv rule with the standardized kernel and its gain.
 """
 
 import keras
 from keras import ops
+
+from keras_dpscale import rules
+from keras_dpscale.rules import conv as conv_rules
 
 
 @keras.saving.register_keras_serializable(package="keras_dpscale")
@@ -38,7 +44,7 @@ class WSConv2D(keras.layers.Conv2D):
     def standardization(self, kernel):
         """`(unit, inv_std, dlog, var)`: the standardized kernel without gain
         `unit = (W - mean) * r(var)`, and per output channel `r`, `d log r /
-        d var` and `var` (float32; for per-example norms, `ghost_norms`)."""
+        d var` and `var` (float32; for per-example norms, `WSConvRule`)."""
         centered, var = _center(kernel)
         inv_std = ops.rsqrt(var + self.epsilon)
         return centered * inv_std, inv_std, -0.5 / (var + self.epsilon), var
@@ -118,3 +124,20 @@ def _center(kernel):
     mean = ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
     var = ops.var(kernel, axis=(0, 1, 2), keepdims=True)
     return kernel - mean, var
+
+
+@rules.register_rule(WSConv2D, ScaledWSConv2D)
+class WSConvRule(conv_rules.ConvRule):
+    """The conv rule of `WSConv2D` and `ScaledWSConv2D`: the kernel used is
+    `unit * gain`, with `unit` the standardized kernel (and the gain of
+    `ScaledWSConv2D`); per-example norms and sums follow the standardization
+    back to the kernel variable (`ghost_norms.ws_kernel_gradients`)."""
+
+    def kernel_used(self, layer):
+        unit, inv_std, dlog, var = layer.standardization(layer.kernel)
+        per_channel = tuple(ops.reshape(t, [-1]) for t in (inv_std, dlog, var))
+        gain = layer.gain if isinstance(layer, ScaledWSConv2D) else None
+        return (unit,) + per_channel, gain
+
+    def standardized(self, layer, kernel):
+        return layer.standardization(kernel)[0]

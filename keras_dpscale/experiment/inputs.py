@@ -1,0 +1,212 @@
+"""`build_data`: a run's training and evaluation data, read from a data dir.
+
+A config never names a location. It names a dataset (`build_data.dataset`)
+and, if it reads one, an ImageFolder archive or directory (`image_folder`)
+or the archives tfds prepares from (`manual_dir`), both relative to the
+data directory. The data directory comes from the launcher's `--data_dir`
+flag, else the `KERAS_DPSCALE_DATA_DIR` environment variable, else
+`../shared/data` beside the repository's root (`default_data_dir`). tfds
+reads its prepared datasets from the same directory (local or `gs://`).
+"""
+
+import dataclasses
+import os
+from typing import Any
+from typing import Callable
+
+import gin
+
+from keras_dpscale import data
+from keras_dpscale import sampling as sampling_lib
+from keras_dpscale.data import imagenet
+from keras_dpscale.experiment.plan import Plan
+
+DATA_DIR_ENV = "KERAS_DPSCALE_DATA_DIR"
+# The root of the source checkout that holds this package.
+REPOSITORY = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
+
+gin.external_configurable(imagenet.preprocess, "imagenet_preprocess")
+gin.external_configurable(imagenet.augmult_crops, "imagenet_augmult_crops")
+
+
+def default_data_dir():
+    """The data directory when the launcher is given none.
+
+    Returns:
+        `$KERAS_DPSCALE_DATA_DIR` if set, else `../shared/data` beside the
+        root of the repository (source checkout) that holds this package.
+    """
+    return os.environ.get(DATA_DIR_ENV) or os.path.normpath(
+        os.path.join(REPOSITORY, os.pardir, "shared", "data")
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The data of a run, as `build_data` found it.
+
+    Attributes:
+        plan: the run's `Plan`.
+        examples: the training examples: a `tf.data.Dataset` held in memory,
+            or a random-access source (`tfds.data_source`).
+        num_examples: N, their number (public: the accountant needs it).
+        train_kwargs: the arguments of `data.train_dataset` but `steps`.
+        eval_examples: a function returning the unbatched eval examples.
+        eval_batch_size: the evaluation batch size.
+        eval_preprocess: per-example preprocessing of evaluation images.
+    """
+
+    plan: Plan
+    examples: Any
+    num_examples: int
+    train_kwargs: dict
+    eval_examples: Callable[[], Any]
+    eval_batch_size: int = 1000
+    eval_preprocess: Any = None
+
+    @property
+    def steps_per_epoch(self):
+        """Logical steps per epoch: round(N / B)."""
+        return self.plan.steps_per_epoch(self.num_examples)
+
+    def train_dataset(self, strategy, initial_epoch=0):
+        """Training batches from the start of epoch `initial_epoch` on.
+
+        Poisson: a fresh secret sample of the steps left (nothing is
+        replayed; `checkpoint.Checkpoint` skips the batches of that epoch
+        already trained on). Shuffle: the deterministic stream, skipped to
+        where that epoch starts. One pipeline per host
+        (`distribute_datasets_from_function`) with several replicas.
+        """
+        plan, kwargs = self.plan, dict(self.train_kwargs)
+        done = initial_epoch * self.steps_per_epoch
+        if plan.sampling == "poisson":
+            kwargs["steps"] = plan.steps(self.num_examples) - done
+        drawn = []
+
+        def dataset_fn(input_context=None):
+            ds = data.train_dataset(
+                self.examples, input_context=input_context, **kwargs
+            )
+            drawn.append(sampling_lib.of(ds))
+            if plan.sampling == "shuffle":  # resume the stream in place
+                local = 1
+                if input_context is not None:
+                    local = (
+                        input_context.num_replicas_in_sync
+                        // input_context.num_input_pipelines
+                    )
+                ds = ds.skip(done * plan.accumulation_steps * local)
+            return ds
+
+        if strategy.num_replicas_in_sync > 1:
+            train = strategy.distribute_datasets_from_function(dataset_fn)
+        else:
+            train = dataset_fn()
+        if drawn:
+            sampling_lib.attach(train, drawn[0])
+        return train
+
+    def eval_dataset(self):
+        """The batched evaluation split."""
+        return data.eval_dataset(
+            self.eval_examples(),
+            self.eval_batch_size,
+            preprocess=self.eval_preprocess,
+        )
+
+
+@gin.configurable(denylist=["plan", "data_dir"])
+def build_data(
+    plan,
+    data_dir=None,
+    *,
+    dataset="fashion_mnist",
+    image_folder=None,
+    manual_dir=None,
+    random_access=False,
+    eval_split="test",
+    preprocess=None,
+    eval_preprocess=None,
+    augment=None,
+    augmult=None,
+    overflow_probability=1e-18,
+    eval_batch_size=1000,
+):
+    """Finds the training and evaluation data of a run.
+
+    Args:
+        plan: the run's `Plan` (B, sampling, accumulation, seed).
+        data_dir: the data directory (see the module docstring); None:
+            `default_data_dir()`.
+        dataset: a name for `data.load` ("fashion_mnist", "cifar10", ...).
+        image_folder, manual_dir: `data.load` sources, relative to
+            `data_dir` (an absolute path is taken as it is).
+        random_access: read the training set by index through
+            `tfds.data_source` (ArrayRecord data; ImageNet) instead of
+            holding it in memory (Poisson sampling only).
+        eval_split: the split evaluated at the end.
+        preprocess: per-example preprocessing of training images (e.g.
+            `imagenet_preprocess` with `train=True`); default: scaling to
+            [-1, 1]. `eval_preprocess`: the same for evaluation.
+        augment: the augmentation of the augmult views (default: mirror
+            padded crops and flips; `imagenet_augmult_crops()` for ImageNet).
+        augmult: K views per example (augmentation multiplicity), or None.
+        overflow_probability: Poisson padding bound (see `data.poisson`).
+        eval_batch_size: evaluation batch size.
+
+    Returns:
+        The `Inputs` of the run.
+    """
+    data_dir = data_dir or default_data_dir()
+    where = dict(
+        data_dir=data_dir,
+        image_folder=_within(data_dir, image_folder),
+        manual_dir=_within(data_dir, manual_dir),
+    )
+    examples, num_examples = _training_examples(dataset, random_access, where)
+    train_kwargs = dict(
+        batch_size=plan.batch_size,
+        seed=plan.seed,
+        sampling=plan.sampling,
+        num_views=augmult,
+        accumulation_steps=plan.accumulation_steps,
+    )
+    if plan.sampling == "poisson":
+        train_kwargs["overflow_probability"] = overflow_probability
+    if preprocess is not None:
+        train_kwargs["preprocess"] = preprocess
+    if augment is not None:
+        train_kwargs["augment"] = augment
+    return Inputs(
+        plan=plan,
+        examples=examples,
+        num_examples=num_examples,
+        train_kwargs=train_kwargs,
+        eval_examples=lambda: data.load(dataset, eval_split, **where),
+        eval_batch_size=eval_batch_size,
+        eval_preprocess=eval_preprocess,
+    )
+
+
+def _training_examples(dataset, random_access, where):
+    """The training split and its size N, in memory or by index."""
+    if random_access:  # read by index (tfds ArrayRecord data; ImageNet)
+        import tensorflow_datasets as tfds
+
+        examples = tfds.data_source(
+            dataset, split="train", data_dir=where["data_dir"]
+        )
+        return examples, len(examples)
+    examples = data.load(dataset, "train", **where)
+    num_examples = int(examples.cardinality())
+    if num_examples < 0:
+        num_examples = sum(1 for _ in examples)
+    return examples, num_examples
+
+
+def _within(data_dir, path):
+    """`path` relative to `data_dir` (None stays None)."""
+    return None if path is None else os.path.join(data_dir, path)

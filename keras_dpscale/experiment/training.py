@@ -1,0 +1,116 @@
+"""`run`: fit (resuming from checkpoints), evaluate, export, write results."""
+
+import json
+import os
+import time
+
+import gin
+import keras
+
+from keras_dpscale import checkpoint
+
+
+@gin.configurable(
+    denylist=["model", "inputs", "model_dir", "strategy", "started"]
+)
+def run(
+    model,
+    inputs,
+    model_dir,
+    strategy,
+    started=None,
+    *,
+    checkpoint_every_n_steps=None,
+    export=True,
+    verbose="auto",
+):
+    """Trains a compiled model for the plan's epochs and reports the result.
+
+    A run started again with the same `model_dir` resumes from the newest
+    checkpoint (a finished run only evaluates and exports again).
+
+    Args:
+        model: a compiled `DPModel` (`compile_model`).
+        inputs: the run's `Inputs` (`build_data`).
+        model_dir: where TensorBoard logs (`logs`), checkpoints
+            (`checkpoints`), the config (`config.gin`), the operative config
+            (`operative_config.gin`), the result (`result.json`) and the
+            SavedModel (`saved_model`) go.
+        strategy: the `tf.distribute.Strategy` the model was built in.
+        started: `time.time()` at the start of the run (default: now).
+        checkpoint_every_n_steps: logical steps between checkpoints (also
+            taken at each epoch end).
+        export: write a SavedModel with the privacy record.
+        verbose: `fit`'s verbosity.
+
+    Returns:
+        The result: test accuracy, epsilon, delta, sigma, steps, B, N,
+        sampling, the privacy statement and the seconds taken.
+    """
+    started = time.time() if started is None else started
+    plan = inputs.plan
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    state = checkpoint.restore(model, checkpoints)
+    initial_epoch = state.epoch if state else 0
+    train = inputs.train_dataset(strategy, initial_epoch)
+    _write(model_dir, "config.gin", gin.config_str())
+    if initial_epoch >= plan.epochs:  # resumed a finished run: no training
+        if model.optimizer.use_ema:  # as `fit` does at its end
+            model.optimizer.finalize_variable_values(model.trainable_variables)
+    else:
+        model.fit(
+            train,
+            epochs=plan.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=inputs.steps_per_epoch * plan.accumulation_steps,
+            callbacks=[
+                keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")),
+                checkpoint.Checkpoint(checkpoints, checkpoint_every_n_steps),
+            ],
+            verbose=verbose,
+        )
+    # After fit, Keras has put the EMA weights (if any) into the model.
+    result = evaluate(model, inputs)
+    if export:
+        from keras_dpscale import export as export_lib
+
+        export_lib.export_saved_model(
+            model, os.path.join(model_dir, "saved_model")
+        )
+    result["seconds"] = round(time.time() - started, 1)
+    _write(model_dir, "operative_config.gin", gin.operative_config_str())
+    _write(model_dir, "result.json", json.dumps(result, indent=2))
+    return result
+
+
+def evaluate(model, inputs):
+    """Test accuracy and the privacy guarantee of a trained model.
+
+    Args:
+        model: the trained `DPModel`.
+        inputs: the run's `Inputs` (evaluation split, B, N, delta).
+
+    Returns:
+        A dict: test accuracy, epsilon at the plan's delta, sigma, the
+        steps in the ledger, B, N, the sampling and the privacy statement.
+    """
+    delta = inputs.plan.target_delta
+    ledger = model.privacy_ledger()
+    test = inputs.eval_dataset()
+    accuracy = model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
+    return {
+        "test_accuracy": float(accuracy),
+        "epsilon": float(model.epsilon(delta)),
+        "delta": delta,
+        "noise_multiplier": float(model.optimizer.noise_multiplier),
+        "steps": sum(s.steps for s in ledger),
+        "batch_size": inputs.plan.batch_size,
+        "num_examples": inputs.num_examples,
+        "sampling": ", ".join(sorted({s.sampling for s in ledger})),
+        "privacy_statement": model.privacy_statement(delta),
+    }
+
+
+def _write(model_dir, name, text):
+    with open(os.path.join(model_dir, name), "w") as f:
+        f.write(text)

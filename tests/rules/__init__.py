@@ -1,0 +1,1 @@
+"""Tests of the per-layer clipping rules (`keras_dpscale.rules`)."""

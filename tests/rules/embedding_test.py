@@ -1,0 +1,14 @@
+"""The Embedding rule against per-example gradients."""
+
+import keras
+import numpy as np
+import pytest
+
+from tests.rules import harness
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "float32"])
+def test_embedding_with_repeated_ids(dtype):
+    # 4 ids in sequences of 7: most examples look some id up twice.
+    ids = np.random.default_rng(0).integers(0, 4, (12, 7)).astype(dtype)
+    harness.check_rule(keras.layers.Embedding(4, 3), ids, views=2)

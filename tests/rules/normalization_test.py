@@ -1,0 +1,58 @@
+"""The normalization and scalar-gain rules against per-example gradients."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_dpscale as kd
+from keras_dpscale import rules
+from tests.rules import harness
+
+
+def inputs(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def init_randomly(layer, x, seed=1):
+    """Builds `layer` with random (not 1 and 0) scales and offsets."""
+    layer(x)
+    rng = np.random.default_rng(seed)
+    for v in layer.trainable_variables:
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    return layer
+
+
+@pytest.mark.parametrize(
+    "scale, center", [(True, True), (True, False), (False, True)]
+)
+def test_group_norm(scale, center):
+    x = inputs((8, 3, 3, 4))
+    layer = keras.layers.GroupNormalization(2, scale=scale, center=center)
+    harness.check_rule(init_randomly(layer, x), x, views=2)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 3, 5)])
+def test_layer_norm(shape):
+    x = inputs(shape)
+    harness.check_rule(init_randomly(keras.layers.LayerNormalization(), x), x)
+
+
+def test_skip_init_gain():
+    x = inputs((8, 3, 3, 2))
+    harness.check_rule(kd.layers.SkipInitGain(0.5), x, views=2)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        keras.layers.GroupNormalization(2, axis=1),
+        keras.layers.LayerNormalization(axis=1),
+        keras.layers.LayerNormalization(rms_scaling=True),
+    ],
+    ids=["group_norm_axis_1", "layer_norm_axis_1", "rms_scaling"],
+)
+def test_other_configurations_are_not_covered(layer):
+    x = tf.constant(inputs((4, 4, 4)))
+    layer(x)
+    assert rules.rule_for(layer).forward(layer, x) is None
