@@ -316,8 +316,17 @@ def restore(model, directory):
     if meta.get("noise_multiplier") is not None and hasattr(
         optimizer, "noise_multiplier"
     ):
+        have, saved = optimizer.batch_size, meta["batch_size"]
+        if None not in (have, saved) and have != saved:
+            raise ValueError(
+                f"The checkpoint was trained with batch_size={saved}, but "
+                f"the optimizer has batch_size={have}: the ledger would "
+                "record the wrong sampling rate. Resume with the same "
+                "batch size, or start a new model_dir."
+            )
         optimizer.dp_config = optimizer.dp_config.with_noise_multiplier(
-            meta["noise_multiplier"], batch_size=meta["batch_size"]
+            meta["noise_multiplier"],
+            batch_size=have if saved is None else saved,
         )
     state = TrainingState(meta["step"], meta["epoch"], meta["batch"], path)
     _RESTORED[model] = state

@@ -9,6 +9,7 @@ here too, once B is known.
 
 import dataclasses
 import logging
+import math
 
 from keras_dpscale import accounting
 
@@ -68,21 +69,32 @@ class DPConfig:
     accountant: str = "pld"
 
     def __post_init__(self):
-        if not self.l2_norm_clip > 0:
+        if not 0 < self.l2_norm_clip < math.inf:
             raise ValueError(
-                f"l2_norm_clip must be > 0, got {self.l2_norm_clip}. It "
-                "bounds each example's gradient norm; 1.0 is the usual choice."
+                f"l2_norm_clip must be > 0 and finite, got "
+                f"{self.l2_norm_clip}. It bounds each example's gradient "
+                "norm; 1.0 is the usual choice."
             )
+        if self.target_delta is not None and not 0 < self.target_delta < 1:
+            raise ValueError(
+                f"target_delta must be in (0, 1), got {self.target_delta}."
+            )
+        for name in ("target_epsilon", "epsilon_budget"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"{name} must be > 0 and finite, got {value}.")
         _set(self, l2_norm_clip=float(self.l2_norm_clip))
         steps = self.accumulation_steps
-        if int(steps) != steps or steps < 1:
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(
                 f"accumulation_steps must be an integer >= 1, got {steps}."
             )
         _set(self, accumulation_steps=int(steps))
         for name in ("batch_size", "num_examples"):
             value = getattr(self, name)
-            if value is not None and (int(value) != value or value < 1):
+            if value is not None and (
+                isinstance(value, bool) or int(value) != value or value < 1
+            ):
                 raise ValueError(
                     f"{name} must be None or an integer >= 1, got {value}."
                 )
@@ -125,9 +137,9 @@ class DPConfig:
                     "target_epsilon; with a fixed noise_multiplier, use "
                     "epsilon_budget to stop training at a budget."
                 )
-            if not self.noise_multiplier >= 0:
+            if not 0 <= self.noise_multiplier < math.inf:
                 raise ValueError(
-                    "noise_multiplier must be >= 0, got "
+                    "noise_multiplier must be >= 0 and finite, got "
                     f"{self.noise_multiplier}."
                 )
             _set(self, noise_multiplier=float(self.noise_multiplier))

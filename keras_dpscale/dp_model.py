@@ -24,6 +24,7 @@ updates state from the data during training, `sample_weight` /
 raise errors that name the fix.
 """
 
+import inspect
 import warnings
 import weakref
 
@@ -79,7 +80,8 @@ class DPTrainer(reporting.PrivacyReporting):
                 "and needs a DP optimizer, such as keras_dpscale.DPSGD(...) "
                 f"or keras_dpscale.DPAdam(...); got {optimizer!r}."
             )
-        kwargs = _weighted_by_mask(kwargs)
+        kwargs = _weighted_by_mask(_by_name(args, kwargs))
+        jit_compile = kwargs.pop("jit_compile", jit_compile)
         validators.check_layers(self)
         self._not_covered = validators.warn_data_dependent_state(self)
         self._dp_ledger.adopt(self.trainable_variables)
@@ -91,7 +93,7 @@ class DPTrainer(reporting.PrivacyReporting):
             # XLA cannot compile one program over several devices' variables
             # (Mirrored strategies): compile each replica's step instead.
             jit_compile = False
-        super().compile(optimizer, *args, jit_compile=jit_compile, **kwargs)
+        super().compile(optimizer, jit_compile=jit_compile, **kwargs)
 
     def get_compile_config(self):
         config = super().get_compile_config()
@@ -99,6 +101,13 @@ class DPTrainer(reporting.PrivacyReporting):
             config["clipping"] = self._dp_engine.clipping
             config["microbatch_size"] = self._dp_engine.microbatch_size
         return config
+
+    def train_on_batch(self, x, y=None, sample_weight=None, **kwargs):
+        """As `keras.Model.train_on_batch`, traced for this batch's size."""
+        _trace_for(self, tf.nest.flatten(x)[0].shape[0])
+        return super().train_on_batch(
+            x, y, sample_weight=sample_weight, **kwargs
+        )
 
     def train_step(self, data):
         """One private step: per-example norms -> clip -> sum -> accumulate
@@ -222,10 +231,9 @@ class DPTrainer(reporting.PrivacyReporting):
             )
             batch_size, validation_split = None, 0.0
         else:
-            drawn = sampling_lib.of(x)
-            if drawn.kind == "unknown" and not drawn.declared:
-                warnings.warn(_UNKNOWN_PIPELINE, stacklevel=2)
-            x = validators.checked_masks(x)
+            x, drawn = _dataset_fit_data(self, x)
+        if isinstance(x, tf.data.Dataset):
+            _trace_for(self, tf.nest.flatten(x.element_spec)[0].shape[0])
         if optimizer.dp_config.calibrating:
             validators.check_sampling(optimizer.sampling, drawn)
         if optimizer.discard_partial_batch():
@@ -245,6 +253,17 @@ class DPTrainer(reporting.PrivacyReporting):
         if not budget and dp_callbacks.reports_privacy(optimizer):
             quiet = verbose == 0
             budget = [dp_callbacks.PrivacyBudget(verbose=0 if quiet else 1)]
+        if (
+            budget
+            and optimizer.batch_size is None
+            and self.steps_per_execution > 1
+        ):
+            raise ValueError(
+                "The privacy budget is checked between executions of "
+                f"steps_per_execution={self.steps_per_execution} steps, and "
+                "needs B before the first: pass batch_size=B to the DP "
+                "optimizer, or batch the dataset with drop_remainder=True."
+            )
         if self.built and not optimizer.built:
             # Variables created while tracing make TensorFlow trace the
             # (costly, vectorized) train step a second time.
@@ -313,6 +332,27 @@ class DPTrainer(reporting.PrivacyReporting):
                 self.optimizer.build(self.trainable_variables)
 
 
+def _trace_for(model, rows):
+    """Makes the next step trace afresh when the batches' static size
+    changes. Keras would retrace its step with an unknown batch dimension,
+    and the check of a step's rows against the logical batch size B
+    (`DPOptimizerMixin.prepare`), which needs the static size, would pass
+    batches larger than the B that the ledger records."""
+    if getattr(model, "_dp_traced_rows", rows) != rows:
+        model.train_function = None
+    model._dp_traced_rows = rows
+
+
+def _by_name(args, kwargs):
+    """`compile`'s positional arguments after the optimizer, by name."""
+    names = list(inspect.signature(keras.Model.compile).parameters)[2:]
+    for name, value in zip(names, args):
+        if name in kwargs:
+            raise TypeError(f"compile got two values for `{name}`.")
+        kwargs[name] = value
+    return kwargs
+
+
 def _weighted_by_mask(compile_kwargs):
     """`compile` arguments whose `metrics` are weighted metrics: the only
     weight a DP batch has is its padding mask, and Keras' (unweighted)
@@ -356,6 +396,29 @@ def _private(optimizer):
     if not optimizers.is_private(optimizer):
         raise ValueError(optimizers.NOT_PRIVATE.format(name="A DPModel"))
     return optimizer
+
+
+def _dataset_fit_data(model, x):
+    """`fit` on a dataset: `(x, sampling)`, with the padding masks checked
+    and the optimizer's B and N completed from what the data say."""
+    optimizer = model.optimizer
+    drawn = sampling_lib.of(x)
+    if drawn.kind == "unknown" and not drawn.declared:
+        warnings.warn(_UNKNOWN_PIPELINE, stacklevel=3)
+    if drawn.batch_size is not None:
+        # A pipeline that samples at rate B/N must agree with the
+        # accountant's B and N (or give them).
+        optimizer.dp_config = optimizer.dp_config.completed(
+            drawn.batch_size, drawn.num_examples
+        )
+    elif optimizer.batch_size is None and isinstance(x, tf.data.Dataset):
+        rows = tf.nest.flatten(x.element_spec)[0].shape[0]
+        if rows is not None and not validators.has_mask(x):
+            # B before the first step, so that the budget knows it.
+            optimizer.dp_config = optimizer.dp_config.completed(
+                rows * optimizer.accumulation_steps
+            )
+    return validators.checked_masks(x), drawn
 
 
 def _poisson_fit_data(

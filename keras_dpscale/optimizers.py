@@ -76,6 +76,22 @@ class DPOptimizerMixin:
         self._seed = noise.fresh_seed() if seed is None else seed
 
     @property
+    def dp_config(self):
+        """The DP settings (`DPConfig`): replaced, never changed in place."""
+        return self._dp_config
+
+    @dp_config.setter
+    def dp_config(self, config):
+        # The step reads sigma from a variable: it must follow every new
+        # config (calibration, `fit`, restore), not only the setter below.
+        self._dp_config = config
+        sigma = config.noise_multiplier or 0.0
+        if self.built and sigma != self._assigned_sigma:
+            with tf.init_scope():
+                self._noise_multiplier_var.assign(sigma)
+            self._assigned_sigma = sigma
+
+    @property
     def noise_multiplier(self):
         """sigma; setting it changes the noise from the next step on (and
         ends a calibration from `target_epsilon`)."""
@@ -84,8 +100,6 @@ class DPOptimizerMixin:
     @noise_multiplier.setter
     def noise_multiplier(self, value):
         self.dp_config = self.dp_config.with_noise_multiplier(value)
-        if self.built:
-            self._noise_multiplier_var.assign(self.noise_multiplier)
 
     def build(self, variables):
         if self.built:
@@ -97,12 +111,12 @@ class DPOptimizerMixin:
             aggregation="only_first_replica",
             name="dp_micro_step",
         )
+        # The sigma that the step reads; kept equal to `dp_config`'s.
+        self._assigned_sigma = self.noise_multiplier or 0.0
         self._noise_multiplier_var = self.add_variable(
             shape=(),
             dtype="float32",
-            initializer=keras.initializers.Constant(
-                self.noise_multiplier or 0.0
-            ),
+            initializer=keras.initializers.Constant(self._assigned_sigma),
             aggregation="only_first_replica",
             name="dp_noise_multiplier",
         )
@@ -138,13 +152,12 @@ class DPOptimizerMixin:
             physical_batch_size *= replicas
         batch_size = self._logical_batch_size(physical_batch_size, padded)
         rows = self.accumulation_steps * (physical_batch_size or batch_size)
+        with tf.init_scope():  # eagerly, before the first step
+            # Calibrates sigma if it waited for B (and syncs the variable).
+            self.dp_config = self.dp_config.completed(batch_size)
         if not self.built:  # Keras builds lazily, on the first trace.
             with keras.name_scope(self.name, caller=self):
                 self.build(variables)
-        if self.noise_multiplier is None:
-            with tf.init_scope():  # once, eagerly, before the first step
-                self.dp_config = self.dp_config.completed(batch_size)
-                self._noise_multiplier_var.assign(self.noise_multiplier)
         return batch_size, rows
 
     def accumulate(self, grad_sum, variables):

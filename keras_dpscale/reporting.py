@@ -5,6 +5,8 @@ Mixed into `DPTrainer`: thin methods over the model's ledger
 `keras_dpscale.accounting`.
 """
 
+import math
+
 from keras_dpscale import accounting
 from keras_dpscale import optimizers
 from keras_dpscale import validators
@@ -91,8 +93,10 @@ class PrivacyReporting:
             if epsilon_budget is None
             else epsilon_budget
         )
-        if budget is None:
-            raise ValueError("A budget check needs epsilon_budget.")
+        if budget is None or not 0 < budget < math.inf:
+            raise ValueError(
+                f"A budget check needs a finite epsilon_budget > 0, got {budget}."
+            )
         coming = self.coming_steps()
         if coming is None:
             return None

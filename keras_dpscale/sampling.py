@@ -45,11 +45,17 @@ class Sampling:
             the probability that a step's sample does not fit the padded
             rows and is truncated (it adds to delta).
         declared: the user's claim (`declare`), not the library's pipeline.
+        batch_size, num_examples: the expected logical batch size B and the
+            training set size N that a Poisson pipeline samples with (rate
+            B/N); None where the pipeline does not say. `fit` checks them
+            against the optimizer's: the accountant uses the optimizer's.
     """
 
     kind: str
     overflow_probability: float = 0.0
     declared: bool = False
+    batch_size: int | None = None
+    num_examples: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -56,18 +56,23 @@ def check_sampling(planned, drawn):
         )
 
 
-def checked_masks(data):
-    """A `tf.data.Dataset` whose padding masks are checked to be 0/1 (an
-    error at the batch that breaks it, before it is trained on)."""
+def has_mask(data):
+    """True for a `tf.data.Dataset` of padded batches `(x, y, {MASK: m})`."""
     if not isinstance(data, tf.data.Dataset):
-        return data
+        return False
     spec = data.element_spec
-    if not (
+    return (
         isinstance(spec, tuple)
         and len(spec) == 3
         and isinstance(spec[2], dict)
         and set(spec[2]) == {MASK}
-    ):
+    )
+
+
+def checked_masks(data):
+    """A `tf.data.Dataset` whose padding masks are checked to be 0/1 (an
+    error at the batch that breaks it, before it is trained on)."""
+    if not has_mask(data):
         return data
 
     def check(x, y, weights):

@@ -10,6 +10,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_dpscale as kd
 from keras_dpscale import checkpoint
@@ -303,3 +304,37 @@ def test_killed_run_with_a_secret_sample_resumes_without_replaying(tmp_path):
     assert (segment["sampling"], segment["steps"]) == ("poisson", 12)
     want = kd.accounting.compute_epsilon(1.0, 16, 64, 12, 1e-3)
     assert got["epsilon"] == pytest.approx(want)
+
+
+def small_dp_model(**optimizer_kwargs):
+    inputs = keras.Input((4,))
+    model = kd.DPModel(inputs, keras.layers.Dense(3)(inputs))
+    model.compile(
+        kd.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0, **optimizer_kwargs),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        clipping="vectorized",
+    )
+    return model
+
+
+def test_restore_refuses_another_batch_size(tmp_path):
+    # The ledger would record a sampling rate that did not run.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32"), rng.integers(0, 3, 64)
+    model = small_dp_model()
+    model.fit(
+        kd.sampling.declare(
+            tf.data.Dataset.from_tensor_slices((x, y)).batch(
+                16, drop_remainder=True
+            ),
+            "shuffle",
+        ),
+        verbose=0,
+        callbacks=[checkpoint.Checkpoint(str(tmp_path))],
+    )
+    other = small_dp_model(batch_size=32)
+    with pytest.raises(ValueError, match="trained with batch_size=16"):
+        checkpoint.restore(other, str(tmp_path))
+    same = small_dp_model(batch_size=16)
+    assert checkpoint.restore(same, str(tmp_path)) is not None
+    assert same.optimizer.batch_size == 16

@@ -26,6 +26,21 @@ def test_frozen():
             "not both",
         ),
         (dict(l2_norm_clip=1.0, noise_multiplier=1, batch_size=0), "batch"),
+        (dict(l2_norm_clip=1.0, noise_multiplier=1, batch_size=True), "batch"),
+        (dict(l2_norm_clip=float("inf"), noise_multiplier=1.0), "finite"),
+        (dict(l2_norm_clip=1.0, noise_multiplier=float("inf")), "finite"),
+        (dict(l2_norm_clip=1.0, noise_multiplier=1, target_delta=1.0), "delta"),
+        (
+            dict(
+                l2_norm_clip=1.0,
+                noise_multiplier=1.0,
+                epsilon_budget=float("nan"),
+                target_delta=1e-5,
+                num_examples=100,
+                batch_size=10,
+            ),
+            "epsilon_budget",
+        ),
         (dict(l2_norm_clip=1.0, noise_multiplier=1, sampling="x"), "sampling"),
         (dict(l2_norm_clip=1.0, noise_multiplier=1, accountant="x"), "x"),
         (

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import keras_dpscale as kd
 from keras_dpscale import accounting
+from keras_dpscale.data import poisson
 from tests.conftest import LOSS
 from tests.conftest import inputs_for
 from tests.conftest import reference_clipped_sum
@@ -617,3 +618,62 @@ def test_metrics_count_only_the_real_rows_of_a_padded_batch(clipping):
         x, y, sample_weight={kd.sampling.MASK: mask}, return_dict=True
     )
     assert logs["accuracy"] == pytest.approx(real)
+
+
+def test_a_calibrated_sigma_is_the_sigma_that_runs_when_built_early():
+    # The optimizer built before fit (as load_model or a failed fit leave
+    # it): the sigma calibrated by fit on arrays must reach the step.
+    model = kd.make_private(tiny_models()[0])
+    x, y = inputs_for(model, 64)
+    opt = kd.DPSGD(
+        learning_rate=0.1,
+        l2_norm_clip=1.0,
+        target_epsilon=2.0,
+        target_delta=1e-5,
+        num_examples=64,
+        epochs=1,
+    )
+    model.compile(optimizer=opt, loss=LOSS)
+    opt.build(model.trainable_variables)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    (segment,) = model.privacy_ledger()
+    assert opt.noise_multiplier > 0.5
+    assert segment.noise_multiplier == pytest.approx(opt.noise_multiplier)
+
+
+def test_a_poisson_dataset_gives_or_checks_b_and_n():
+    model = kd.make_private(tiny_models()[0])
+    x, y = inputs_for(model, 64)
+    data = poisson.arrays_dataset(x, y, 16)
+    compile_dp(model, noise_multiplier=1.0, batch_size=8, num_examples=64)
+    with pytest.raises(ValueError, match="batch_size=8, but the data give"):
+        model.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
+    compile_dp(model, noise_multiplier=1.0)
+    model.fit(data, epochs=1, steps_per_epoch=2, verbose=0)
+    assert (model.optimizer.batch_size, model.optimizer.num_examples) == (
+        16,
+        64,
+    )
+    assert model.privacy_ledger()[-1].batch_size == 16
+
+
+def test_a_second_fit_with_another_batch_size_is_refused():
+    # Keras retraces the step with an unknown batch dimension: the ledger's
+    # B could no longer be checked against the rows of a step.
+    model = conv_dp_model()
+    x, y = inputs_for(model, 32)
+    compile_dp(model, batch_size=8, num_examples=32, target_delta=1e-5)
+    model.fit(kd.sampling.declare(dataset(x, y, 8), "shuffle"), verbose=0)
+    bigger = kd.sampling.declare(dataset(x, y, 16), "shuffle")
+    with pytest.raises(ValueError, match="Make them agree"):
+        model.fit(bigger, verbose=0)
+    with pytest.raises(ValueError, match="Make them agree"):
+        model.train_on_batch(x[:16], y[:16])
+
+
+def test_metrics_given_by_position_are_weighted_by_the_mask():
+    model = kd.make_private(tiny_models()[0])
+    opt = kd.DPSGD(l2_norm_clip=1.0, noise_multiplier=0.0, batch_size=5)
+    model.compile(opt, LOSS, None, ["accuracy"])
+    assert model.get_compile_config()["weighted_metrics"] == ["accuracy"]
+    assert model.get_compile_config()["metrics"] is None

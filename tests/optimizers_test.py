@@ -255,3 +255,20 @@ def test_setting_sigma_changes_the_noise():
     before = v.numpy().copy()
     model.train_on_batch(x, y)  # the same traced step
     np.testing.assert_array_equal(v.numpy(), before)
+
+
+def test_sigma_calibrated_at_the_first_traced_step_is_the_one_that_runs():
+    # train_on_batch builds the optimizer inside the first trace.
+    opt = dpsgd(
+        noise_multiplier=None,
+        target_epsilon=2.0,
+        target_delta=1e-5,
+        num_examples=256,
+        epochs=1,
+    )
+    model = private_model(opt, 3)
+    model.train_on_batch(np.zeros((16, 1), "float32"), np.zeros((16, 3)))
+    want = accounting.calibrate_noise_multiplier(2.0, 1e-5, 16, 256, epochs=1)
+    assert opt.noise_multiplier == pytest.approx(want)
+    (segment,) = model.privacy_ledger()
+    assert segment.noise_multiplier == pytest.approx(want, rel=1e-6)

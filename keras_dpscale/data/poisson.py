@@ -313,6 +313,7 @@ class _Sampler:
                 "pipelines."
             )
         self.q = batch_size / num_examples
+        self.batch_size, self.num_examples = batch_size, num_examples
         self.pipelines, self.pipeline_id = pipelines, pipeline_id
         self.owned = len(range(pipeline_id, num_examples, pipelines))
         self.first_index = pipeline_id
@@ -348,7 +349,13 @@ class _Sampler:
         """Marks `dataset` with how it samples (`sampling.Sampling`)."""
         kind = "poisson" if self.public_sampling_seed is None else "public"
         return sampling_lib.attach(
-            dataset, sampling_lib.Sampling(kind, self.overflow_probability)
+            dataset,
+            sampling_lib.Sampling(
+                kind,
+                self.overflow_probability,
+                batch_size=self.batch_size,
+                num_examples=self.num_examples,
+            ),
         )
 
     def _key(self):

@@ -149,6 +149,10 @@ def _clipped_sums(layers, tape, total, batch, l2_norm_clip, mask):
     ):
         layer_sums = rule.clipped_sums(layer, recorded, g, factors, state)
         for var, total_grad in zip(recorded.variables, layer_sums):
+            if recording.key(var) in sums:
+                raise Unsupported(
+                    f"the variable '{var.path}' is owned by more than one layer"
+                )
             sums[recording.key(var)] = tf.cast(total_grad, tf.float32)
     return sums
 

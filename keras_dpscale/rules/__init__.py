@@ -81,7 +81,6 @@ and clipped sums against per-example gradients). The built-in rules cover `Dense
 """
 
 import dataclasses
-import inspect
 from typing import Any
 
 
@@ -211,13 +210,31 @@ def rule_for(layer):
     return None
 
 
+# Class attributes that every class has and that change nothing.
+_HARMLESS = frozenset(
+    {
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__dict__",
+        "__weakref__",
+        "__annotations__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__orig_bases__",
+        "__parameters__",
+    }
+)
+
+
 def _changes_computation(cls):
+    """True if `cls` defines anything that could change what its parent
+    computes: any function, descriptor or other callable (a decorated
+    `call`, a property, a `tf.function`) but the configuration methods."""
     return any(
         name not in _CONFIGURATION
-        and (
-            inspect.isfunction(value)
-            or isinstance(value, (classmethod, staticmethod, property))
-        )
+        and name not in _HARMLESS
+        and (callable(value) or hasattr(value, "__get__"))
         for name, value in vars(cls).items()
     )
 

@@ -23,6 +23,9 @@ class EmbeddingRule(rules.Rule):
         ids = inputs
         if inputs.dtype not in (tf.int32, tf.int64):
             ids = tf.cast(inputs, "int32")
+        # A negative id reads row id + input_dim (as `ops.take` does): the
+        # norms must see the row that is read.
+        ids = tf.where(ids < 0, ids + layer.input_dim, ids)
         o = ops.take(layer.embeddings, ids, axis=0)
         outputs = ops.cast(o, layer.compute_dtype)
         return rules.Recorded(outputs, [layer.embeddings], o, ids)

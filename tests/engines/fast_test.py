@@ -328,3 +328,30 @@ def test_loss_without_batch_mean_uses_the_vectorized_engine(caplog):
             with caplog.at_level(logging.INFO, logger="keras_dpscale"):
                 step(x, y)
             assert "batch mean" in caplog.text
+
+
+class UsesKernelOf(keras.layers.Layer):
+    """A layer that also owns another layer's kernel (assigned in build)."""
+
+    def __init__(self, dense, **kwargs):
+        super().__init__(**kwargs)
+        self._dense = [dense]
+
+    def build(self, input_shape):
+        self.w = self._dense[0].kernel
+
+    def call(self, x):
+        return tf.matmul(x, self.w)
+
+
+def test_a_variable_owned_by_two_layers_falls_back_exactly(caplog):
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(4, use_bias=False)
+    model = kd.DPModel(inputs, UsesKernelOf(dense)(dense(inputs)))
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype("float32")
+    y = np.arange(6) % 4
+    with pytest.raises(ValueError, match="owned by more than one layer"):
+        clipped_sum(model, x, y, 1.0, "fast")
+    auto = clipped_sum(model, x, y, 1.0, "auto")
+    assert model._dp_engine.chosen == "vectorized"
+    assert_sums_close(auto, clipped_sum(model, x, y, 1.0, "vectorized"))

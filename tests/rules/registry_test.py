@@ -1,5 +1,6 @@
 """The rule registry: lookup by class, and a custom layer's own rule."""
 
+import functools
 import logging
 
 import keras
@@ -68,8 +69,24 @@ def test_the_most_specific_registered_class_wins():
     assert rules.rule_for(keras.layers.Dropout(0.5)) is None
 
 
+class TracedDense(keras.layers.Dense):
+    @tf.function(autograph=False)
+    def call(self, inputs):
+        return 3.0 * keras.layers.Dense.call(self, inputs)
+
+
+class PartialDense(keras.layers.Dense):
+    def _scaled(self, inputs, scale):
+        return scale * keras.layers.Dense.call(self, inputs)
+
+    call = functools.partialmethod(_scaled, scale=3.0)
+
+
 def test_a_subclass_that_changes_the_computation_has_no_rule():
     assert rules.rule_for(NoisyDense(2)) is None
+    # Overrides that are not plain functions change the computation too.
+    assert rules.rule_for(TracedDense(2)) is None
+    assert rules.rule_for(PartialDense(2)) is None
     reversible = keras.layers.ReversibleEmbedding(4, 3)
     assert rules.rule_for(reversible) is None
 
