@@ -85,11 +85,11 @@ class DPOptimizerMixin:
         # The step reads sigma from a variable: it must follow every new
         # config (calibration, `fit`, restore), not only the setter below.
         self._dp_config = config
-        sigma = config.noise_multiplier or 0.0
-        if self.built and sigma != self._assigned_sigma:
+        if self.built:
             with tf.init_scope():
-                self._noise_multiplier_var.assign(sigma)
-            self._assigned_sigma = sigma
+                self._noise_multiplier_var.assign(
+                    config.noise_multiplier or 0.0
+                )
 
     @property
     def noise_multiplier(self):
@@ -111,12 +111,13 @@ class DPOptimizerMixin:
             aggregation="only_first_replica",
             name="dp_micro_step",
         )
-        # The sigma that the step reads; kept equal to `dp_config`'s.
-        self._assigned_sigma = self.noise_multiplier or 0.0
+        # The sigma that the step reads; every new `dp_config` assigns it.
         self._noise_multiplier_var = self.add_variable(
             shape=(),
             dtype="float32",
-            initializer=keras.initializers.Constant(self._assigned_sigma),
+            initializer=keras.initializers.Constant(
+                self.noise_multiplier or 0.0
+            ),
             aggregation="only_first_replica",
             name="dp_noise_multiplier",
         )
@@ -153,8 +154,9 @@ class DPOptimizerMixin:
         batch_size = self._logical_batch_size(physical_batch_size, padded)
         rows = self.accumulation_steps * (physical_batch_size or batch_size)
         with tf.init_scope():  # eagerly, before the first step
-            # Calibrates sigma if it waited for B (and syncs the variable).
-            self.dp_config = self.dp_config.completed(batch_size)
+            completed = self.dp_config.completed(batch_size)
+            if completed is not self.dp_config:  # sigma calibrated for B
+                self.dp_config = completed
         if not self.built:  # Keras builds lazily, on the first trace.
             with keras.name_scope(self.name, caller=self):
                 self.build(variables)

@@ -272,3 +272,16 @@ def test_sigma_calibrated_at_the_first_traced_step_is_the_one_that_runs():
     assert opt.noise_multiplier == pytest.approx(want)
     (segment,) = model.privacy_ledger()
     assert segment.noise_multiplier == pytest.approx(want, rel=1e-6)
+
+
+def test_every_new_sigma_reaches_the_variable_the_step_reads():
+    # Whatever the variable held (restored optimizer weights, say), a new
+    # config sets what the step adds, even when its sigma is unchanged.
+    opt = dpsgd(noise_multiplier=2.0)
+    model = private_model(opt, 3)
+    model.train_on_batch(np.zeros((4, 1), "float32"), np.zeros((4, 3)))
+    opt._noise_multiplier_var.assign(1.0)
+    opt.dp_config = opt.dp_config.with_noise_multiplier(2.0)
+    assert float(opt._noise_multiplier_var.numpy()) == 2.0
+    opt.noise_multiplier = 3.5
+    assert float(opt._noise_multiplier_var.numpy()) == 3.5

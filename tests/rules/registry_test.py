@@ -31,20 +31,16 @@ class MyScale(keras.layers.Layer):
         return inputs * self.scale
 
 
-@rules.register_rule(MyScale)
-class MyScaleRule(rules.Rule):
-    def forward(self, layer, inputs):
-        outputs = inputs * layer.scale
-        return rules.Recorded(
-            outputs, [layer.scale], sources=outputs, saved=inputs
-        )
+def documented_rule():
+    """Runs the custom rule of `keras_dpscale.rules`' docstring as written
+    (it registers itself for `MyScale`) and returns its class."""
+    code = rules.__doc__.split("```python")[1].split("```")[0]
+    namespace = {"MyScale": MyScale, "tf": tf}
+    exec(code, namespace)  # noqa: S102 -- the documentation's own example
+    return namespace["MyScaleRule"]
 
-    def sq_norms(self, layer, recorded, grads, batch):
-        per_example = rows.per_example_sum(grads * recorded.saved, batch)
-        return tf.reduce_sum(tf.square(per_example), 1), per_example
 
-    def clipped_sums(self, layer, recorded, grads, factors, state):
-        return [rows.weighted_sum(state, factors)]
+MyScaleRule = documented_rule()
 
 
 class WiderDense(keras.layers.Dense):
