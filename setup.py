@@ -1,6 +1,53 @@
-"""keras_dpscale: differentially private training (DP-SGD) for Keras 3."""
+"""keras_dpscale: differentially private training (DP-SGD) for Keras 3.
+
+Installing, by host (what pip really does):
+
+* CPU, or a host whose TensorFlow is the `tensorflow` distribution (the
+  usual wheel; `tensorflow[and-cuda]` is the same distribution plus NVIDIA's
+  CUDA wheels): `pip install -e .`. The requirement `tensorflow>=2.20,<2.22`
+  is already satisfied, so pip keeps that TensorFlow (check with
+  `pip install -e . --dry-run`: no "tensorflow" in "Would install").
+* GPU host from scratch: `pip install -e ".[and-cuda]"` (TensorFlow's own
+  extra, as TensorFlow's install guide names it: `tensorflow[and-cuda]`).
+* A host whose TensorFlow is another distribution, e.g. `tensorflow-tpu`
+  (TensorFlow's TPU guide: `pip install tensorflow-tpu -f
+  https://storage.googleapis.com/libtpu-releases/index.html`) or
+  `tensorflow-cpu`: pip matches requirements by distribution name, not by
+  the `tensorflow` module they all install, so it would see `tensorflow` as
+  missing and install it into the same `site-packages/tensorflow` directory,
+  over the host's. An extra cannot help: extras only add requirements, so a
+  "tpu" extra would still pull `tensorflow` (and then both would be there).
+  Instead, leave TensorFlow out of the requirements:
+
+      KERAS_DPSCALE_TF=none pip install -e .     # keeps the host's TF
+
+  (or `pip install --no-deps -e .` and install the requirements below but
+  TensorFlow by hand). `KERAS_DPSCALE_TF=<requirement>` names another
+  distribution instead, e.g. `KERAS_DPSCALE_TF="tensorflow-tpu>=2.20,<2.22"`.
+  The variable is read when pip builds this package's metadata (a local
+  source build always does; it reaches pip's isolated build environment).
+
+Pins: TensorFlow 2.20 (the suite) and 2.21 (`tools/compat_check.sh`, which
+runs the tests that lean on TensorFlow's and Keras' private internals
+against the newest releases, passed on 2.21.0 with Keras 3.15.1); raise the
+upper pin only after it passes. Keras: the release tested with both, 3.15.x;
+`keras_dpscale._compat` imports Keras internals (`keras.src`) that move
+between minor versions, so a new minor is allowed only once it is tested
+(`COMPAT_KERAS="keras==3.16.0" bash tools/compat_check.sh`).
+"""
+
+import os
 
 import setuptools
+
+TENSORFLOW = "tensorflow>=2.20,<2.22"
+_tf = os.environ.get("KERAS_DPSCALE_TF", "").strip()
+if _tf.lower() == "none":
+    tensorflow = []
+elif _tf:
+    tensorflow = [_tf]
+else:
+    tensorflow = [TENSORFLOW]
 
 setuptools.setup(
     name="keras_dpscale",
@@ -10,10 +57,9 @@ setuptools.setup(
         include=["keras_dpscale", "keras_dpscale.*"]
     ),
     python_requires=">=3.10",
-    install_requires=[
-        # The CPU wheel; on GPU/TPU machines install `tensorflow` instead.
-        "tensorflow-cpu>=2.20,<2.21",
-        "keras>=3.10,<4",
+    install_requires=tensorflow
+    + [
+        "keras>=3.15.1,<3.16",  # tested: 3.15.1 (with TF 2.20 and 2.21)
         "dp-accounting>=0.6",
         "gin-config>=0.5",
         "absl-py>=2.0",
@@ -23,6 +69,8 @@ setuptools.setup(
         "scipy>=1.11",  # auditing statistics (also a dp-accounting dependency)
     ],
     extras_require={
+        # GPU hosts: TensorFlow with NVIDIA's CUDA/cuDNN wheels (Linux).
+        "and-cuda": [TENSORFLOW.replace("tensorflow", "tensorflow[and-cuda]")],
         "plot": ["matplotlib"],
         "test": ["pytest>=8", "matplotlib", "hypothesis>=6.100"],
     },

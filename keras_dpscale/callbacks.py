@@ -66,11 +66,12 @@ class PrivacyBudget(keras.callbacks.Callback):
         remaining = self.model.remaining_steps(self._budget(), self._delta())
         self._key = self.model.coming_steps()
         self._limit = (
-            None if remaining is None else int(optimizer.iterations) + remaining
+            None if remaining is None else _steps(optimizer) + remaining
         )
 
     def on_train_begin(self, logs=None):
         self.stopped_at_budget = False
+        self._epoch = 0
         if not hasattr(self.model, "privacy_ledger"):
             raise ValueError(
                 "PrivacyBudget needs a keras_dpscale DP model (DPModel, "
@@ -80,8 +81,7 @@ class PrivacyBudget(keras.callbacks.Callback):
             return
         self._update_limit()
         if self._limit is not None and (
-            int(self._optimizer.iterations) + self._steps_per_call()
-            > self._limit
+            _steps(self._optimizer) + self._steps_per_call() > self._limit
         ):
             raise RuntimeError(
                 "The privacy budget is spent: one more step would take "
@@ -94,10 +94,17 @@ class PrivacyBudget(keras.callbacks.Callback):
             return
         if self._limit is None or self._key != self.model.coming_steps():
             self._update_limit()  # first step taken, or sigma/B changed
-        iterations = int(self._optimizer.iterations)
+        iterations = _steps(self._optimizer)
         if iterations + self._steps_per_call() > self._limit:
             self.model.stop_training = True
-            self.stopped_at_budget = True
+            # Early only if the plan had batches left after this one.
+            self.stopped_at_budget = (self._epoch, batch + 1) < (
+                self.params.get("epochs", 0) - 1,
+                self.params.get("steps") or 0,
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -110,6 +117,12 @@ class PrivacyBudget(keras.callbacks.Callback):
                     f"Stopped at the privacy budget epsilon={self._budget()}."
                 )
             print(self.model.privacy_statement(self._delta()))
+
+
+def _steps(optimizer):
+    """The optimizer's logical step count (a Python int, also of a
+    replicated variable)."""
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
 
 
 def reports_privacy(optimizer):

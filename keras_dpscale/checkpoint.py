@@ -9,15 +9,32 @@ position: the logical step, the epoch and the physical batch within it.
 Checkpoints are taken at logical-step boundaries only, so the accumulators
 are empty and no half-accumulated batch is ever lost or counted twice.
 
-Atomicity. Each checkpoint is one `.npz` file written under a temporary name
-in the same directory, flushed and fsynced, then renamed (`os.replace`, atomic
-in POSIX) to `ckpt-<step>.npz`; only then is the small pointer file
+Storage. Every file goes through `tf.io.gfile` (`keras_dpscale.storage`),
+so the directory may be local or a `gs://` URL (a preempted Cloud TPU run
+resumes from its bucket). The format stays one `.npz` file per checkpoint,
+not `tf.train.Checkpoint`, by choice: one file is one object on GCS, which
+appears complete or not at all, while `tf.train.Checkpoint` writes an index
+and data shards that a preemption can leave half-written; the npz keeps the
+checks this module makes (variables matched by count, order and shape,
+every array's CRC read back, the position and the batch size B in the same
+file as the weights and the ledger, so they cannot disagree), and the
+checkpoints of earlier runs still load. The whole file is built in memory,
+then written in one piece.
+
+Atomicity. Each checkpoint is written under a temporary name in the same
+directory (flushed and, on a local disk, fsynced), then renamed
+(`tf.io.gfile.rename`, atomic in POSIX; on GCS the object appears only
+when complete) to `ckpt-<step>.npz`; only then is the small pointer file
 `checkpoint.json` (the newest name and position, for people and tools)
 replaced the same way, and the oldest checkpoints beyond `keep` deleted. A
 process killed at any moment (SIGKILL included) leaves the previous
 checkpoints intact and at worst a temporary file, which readers ignore and
 the next `Checkpoint` deletes. `restore` loads the newest checkpoint that
 reads back completely (zip CRCs checked), falling back to older ones.
+
+Several workers. Every worker restores from the directory, but only the
+chief writes to it: another worker writes its checkpoints to a temporary
+local directory that is deleted at once (`storage.writer_dir`).
 
 The noise seed is not saved (it is a secret: who knows it can remove the
 noise), so a resumed run draws fresh noise, which is as private. With a
@@ -55,11 +72,11 @@ hold the batches from where epoch `state.epoch` started:
 """
 
 import dataclasses
+import io
 import json
 import logging
 import os
 import re
-import uuid
 import weakref
 import zipfile
 
@@ -67,11 +84,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_dpscale import storage
+
 FORMAT_VERSION = 1
 POINTER = "checkpoint.json"
 _PREFIX = "ckpt-"
 _NAME = re.compile(r"^ckpt-(\d+)\.npz$")
-_TEMP = re.compile(r"^\.ckpt-.*\.tmp-[0-9a-f]+$")
 
 # States that `restore` returned, for the `Checkpoint` callback of the next
 # `fit` to skip the batches of the current epoch that were already used.
@@ -122,44 +140,13 @@ def _variables(model):
     return list(model.variables), list(_checked_optimizer(model).variables)
 
 
-def _fsync_directory(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on this platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(directory, name, write):
-    """Writes `name` in `directory` via a synced temporary and a rename."""
-    temp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(temp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-    _fsync_directory(directory)
-
-
 def checkpoints(directory):
     """The checkpoint files in `directory`, newest (highest step) first."""
-    if not os.path.isdir(directory):
-        return []
     found = []
-    for name in os.listdir(directory):
+    for name in storage.listdir(directory):
         match = _NAME.match(name)
         if match:
-            found.append((int(match.group(1)), os.path.join(directory, name)))
+            found.append((int(match.group(1)), storage.join(directory, name)))
     return [path for _, path in sorted(found, reverse=True)]
 
 
@@ -168,13 +155,16 @@ def save(model, directory, epoch, batch=0, keep=2):
 
     Args:
         model: a built, compiled model.
-        directory: where checkpoints go (created if missing).
+        directory: where checkpoints go (created if missing): a local path
+            or a URL such as `gs://bucket/run/checkpoints`.
         epoch: the epoch that a resumed run starts in.
         batch: physical batches of `epoch` already trained on.
         keep: how many checkpoints to keep (the newest ones; at least 1).
 
     Returns:
-        The path of the new checkpoint.
+        The path of the new checkpoint. Only the chief writes it: another
+        worker of a multi-worker strategy writes to a temporary directory,
+        deleted at once (see the module docstring).
 
     Raises:
         ValueError: in the middle of a logical batch (the optimizer holds
@@ -191,7 +181,6 @@ def save(model, directory, epoch, batch=0, keep=2):
             "Checkpoints are taken between logical steps only: the optimizer "
             "is in the middle of accumulating a logical batch."
         )
-    os.makedirs(directory, exist_ok=True)
     step = int(optimizer.iterations.numpy())
     model_vars, optimizer_vars = _variables(model)
     arrays = {f"model/{i}": v.numpy() for i, v in enumerate(model_vars)}
@@ -210,24 +199,30 @@ def save(model, directory, epoch, batch=0, keep=2):
         "optimizer_variables": [v.path for v in optimizer_vars],
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    with io.BytesIO() as buffer:
+        np.savez(buffer, **arrays)
+        del arrays
+        data = buffer.getvalue()
     name = f"{_PREFIX}{step:010d}.npz"
-    _write_atomically(directory, name, lambda f: np.savez(f, **arrays))
     pointer = {
         "latest": name,
         **{k: meta[k] for k in ("step", "epoch", "batch")},
     }
-    _write_atomically(
-        directory, POINTER, lambda f: f.write(json.dumps(pointer).encode())
-    )
-    for old in checkpoints(directory)[max(int(keep), 1) :]:
-        os.remove(old)
-    return os.path.join(directory, name)
+    directory = os.fspath(directory)
+    with storage.writer_dir(directory, model.distribute_strategy) as target:
+        storage.makedirs(target)
+        storage.write_bytes(storage.join(target, name), data)
+        storage.write_text(storage.join(target, POINTER), json.dumps(pointer))
+        for old in checkpoints(target)[max(int(keep), 1) :]:
+            storage.remove(old)
+    return storage.join(directory, name)
 
 
 def _load(path):
     """`(meta, arrays)` of a checkpoint, or None if it does not read back."""
     try:
-        with np.load(path, allow_pickle=False) as f:
+        data = io.BytesIO(storage.read_bytes(path))
+        with np.load(data, allow_pickle=False) as f:
             arrays = {key: f[key] for key in f.files}  # checks the CRCs
         meta = json.loads(arrays.pop("meta").tobytes().decode())
         if meta.get("format") != FORMAT_VERSION:
@@ -237,7 +232,14 @@ def _load(path):
                 if f"{kind}/{i}" not in arrays:
                     raise KeyError(f"{kind} variable {i} is missing")
         return meta, arrays
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        zipfile.BadZipFile,
+        tf.errors.OpError,
+    ) as e:
         _log.warning("Skipping the unreadable checkpoint %s: %s", path, e)
         return None
 
@@ -384,14 +386,15 @@ class Checkpoint(keras.callbacks.Callback):
         """Saves now (at a logical-step boundary); returns the path."""
         path = save(self.model, self.directory, epoch, batch, self.keep)
         self._last_saved = self._step()
-        _log.info("Saved %s.", path)
+        _log.debug("Saved %s.", path)
         return path
 
     def on_train_begin(self, logs=None):
-        os.makedirs(self.directory, exist_ok=True)
-        for name in os.listdir(self.directory):  # left by a killed writer
-            if _TEMP.match(name):
-                os.remove(os.path.join(self.directory, name))
+        if storage.is_chief(self.model.distribute_strategy):
+            storage.makedirs(self.directory)
+            for name in storage.listdir(self.directory):  # a killed writer's
+                if storage.is_temporary(name):
+                    storage.remove(storage.join(self.directory, name))
         self._last_saved = self._step()
         self._epoch, self._batches = None, 0
         self._resume = _RESTORED.pop(self.model, None)

@@ -18,10 +18,10 @@ batches itself (secret, fresh every pass); a dataset made by
 for as if every example were in every step, with a warning.
 
 It fails closed (`keras_dpscale.validators`): compiling with a non-DP
-optimizer, a `BatchNormalization` or `MixUp`-like layer, any layer that
-updates state from the data during training, `sample_weight` /
-`class_weight`, and data sampled more weakly than sigma was calibrated for
-raise errors that name the fix.
+optimizer, a trainable `BatchNormalization` (a frozen one is allowed) or a
+`MixUp`-like layer, any layer that updates state from the data during
+training, `sample_weight` / `class_weight`, and data sampled more weakly
+than sigma was calibrated for raise errors that name the fix.
 """
 
 import inspect
@@ -93,6 +93,14 @@ class DPTrainer(reporting.PrivacyReporting):
             # XLA cannot compile one program over several devices' variables
             # (Mirrored strategies): compile each replica's step instead.
             jit_compile = False
+        if _is_mirrored(self.distribute_strategy) and (
+            kwargs.get("steps_per_execution", 1) != 1
+        ):
+            raise ValueError(
+                "steps_per_execution > 1 fails under Mirrored strategies in "
+                "Keras 3 (keras-team/keras#19246, for any model): leave it "
+                "at 1 there."
+            )
         super().compile(optimizer, jit_compile=jit_compile, **kwargs)
 
     def get_compile_config(self):
@@ -133,7 +141,7 @@ class DPTrainer(reporting.PrivacyReporting):
             # 4. Accumulate the logical batch's physical batches.
             total, is_last = optimizer.accumulate(grad_sum, variables)
 
-            def noise_and_apply():
+            def noise_and_apply(total):
                 # 5. Noise N(0, (sigma C)^2): once per logical batch, one
                 # draw over all replicas, recorded in the model's ledger.
                 noisy_sum, sigma = optimizer.add_noise(total)
@@ -143,13 +151,11 @@ class DPTrainer(reporting.PrivacyReporting):
                     optimizer.num_examples,
                     rows,
                 )
-                # 6. The noisy mean (the sum over the public B) -> update.
+                # 6. The replicas' sums added up, divided by the public B
+                # -> update.
                 optimizer.apply_mean(noisy_sum, variables, batch_size)
 
-            if is_last is True:
-                noise_and_apply()
-            else:
-                tf.cond(is_last, noise_and_apply, lambda: None)
+            _run_if(is_last, noise_and_apply, total)
         for sg in keras_private.seed_generators(self):
             sg.next()
         return self._training_logs(x, y, y_pred, losses, mask)
@@ -234,6 +240,10 @@ class DPTrainer(reporting.PrivacyReporting):
             x, drawn = _dataset_fit_data(self, x)
         if isinstance(x, tf.data.Dataset):
             _trace_for(self, tf.nest.flatten(x.element_spec)[0].shape[0])
+        if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)):
+            # A dataset samples its own batches (Keras would only warn that
+            # `shuffle` is ignored).
+            shuffle = False
         if optimizer.dp_config.calibrating:
             validators.check_sampling(optimizer.sampling, drawn)
         if optimizer.discard_partial_batch():
@@ -330,6 +340,32 @@ class DPTrainer(reporting.PrivacyReporting):
         if self.built:
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
+
+
+def _run_if(condition, fn, *args):
+    """`fn(*args)` where `condition` holds (True, or a boolean tensor equal
+    on every replica: the last physical batch of a logical batch).
+
+    `fn` synchronizes the replicas (the optimizer's all-reduce), which
+    TensorFlow does not allow inside a conditional of one replica's
+    function under `MirroredStrategy`. So there the condition is taken in
+    cross-replica context (`merge_call`, which every replica reaches on
+    every physical batch) and `fn` runs on all replicas from there.
+    """
+    if condition is True:
+        fn(*args)
+        return
+    replica = tf.distribute.get_replica_context()
+    strategy = tf.distribute.get_strategy()
+    if replica is None or not _is_mirrored(strategy):
+        tf.cond(condition, lambda: fn(*args), lambda: None)
+        return
+
+    def in_cross_replica_context(strategy, condition, *args):
+        condition = strategy.experimental_local_results(condition)[0]
+        tf.cond(condition, lambda: strategy.run(fn, args=args), lambda: None)
+
+    replica.merge_call(in_cross_replica_context, args=(condition, *args))
 
 
 def _trace_for(model, rows):

@@ -25,14 +25,24 @@ Keras' `keras.export.ExportArchive` (what `model.export` uses):
   probabilities = loaded.serve(images)  # or loaded.signatures["serve"]
   ```
 
+`path` may be local or a URL such as `gs://bucket/run/saved_model`: the
+SavedModel is written through `tf.io.gfile` (`tf.saved_model.save`). Under
+a multi-worker strategy every worker must call the export (saving may need
+all of them), and only the chief's lands in `path`; the others write to a
+temporary directory that is then deleted (`keras_dpscale.storage`).
+TensorFlow's INFO lines about the save ("Assets written to", "Writing
+fingerprint") are silenced during the export.
+
 Keras' `fit` already overwrites the weights with their averages when it
 ends, but a model saved mid-training (by a checkpoint callback) or trained
 with `train_on_batch` holds raw weights: the export uses the averages
 either way and leaves the model's own weights as they were.
 """
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import tempfile
@@ -40,6 +50,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from keras_dpscale import storage
 from keras_dpscale._compat import keras_private
 
 
@@ -151,6 +162,26 @@ def _image_shape(model, input_shape):
     )
 
 
+@contextlib.contextmanager
+def _quiet_save():
+    """Raises the level of the loggers that announce a SavedModel's files.
+
+    `tf.saved_model.save` logs "Assets written to ..." (TensorFlow's logger)
+    and "Writing fingerprint to ..." (absl's) at INFO; warnings and errors
+    still show.
+    """
+    loggers = [tf.get_logger(), logging.getLogger("absl")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _ema_pairs(optimizer):
     """(model variable, its average) pairs; empty if there are no averages."""
     variables, averages = keras_private.ema_averages(optimizer)
@@ -177,7 +208,9 @@ def export_saved_model(
         model: a model trained by a DP optimizer (a `DPModel`,
             `DPSequential` or `make_private` model, or one loaded with
             `keras.models.load_model`) whose output is logits.
-        path: the directory to write the SavedModel to.
+        path: the directory to write the SavedModel to: a local path or a
+            URL (`gs://...`). Only the chief of a multi-worker strategy
+            writes it (see the module docstring).
         use_ema: export the optimizer's parameter averages (when it was
             created with `use_ema=True` and has taken a step) instead of the
             current weights. The model's own weights are restored afterwards.
@@ -227,10 +260,12 @@ def export_saved_model(
         with open(asset, "w") as f:
             f.write(text + "\n")
         root.privacy_asset = tf.saved_model.Asset(asset)
+        strategy = getattr(model, "distribute_strategy", None)
         try:
             for variable, average in pairs:
                 variable.assign(average)
-            archive.write_out(os.fspath(path), verbose=False)
+            with storage.writer_dir(path, strategy) as target, _quiet_save():
+                archive.write_out(target, verbose=False)
         finally:
             for (variable, _), value in zip(pairs, raw):
                 variable.assign(value)

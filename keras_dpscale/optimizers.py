@@ -123,9 +123,24 @@ class DPOptimizerMixin:
         )
         self._grad_sums = []
         if self.accumulation_steps > 1:
-            self._grad_sums = self.add_optimizer_variables(
-                variables, "dp_grad_sum"
+            self._grad_sums = [self._accumulator(v) for v in variables]
+
+    def _accumulator(self, variable):
+        """A replica-local sum of clipped gradients for `variable`: each
+        replica adds its own physical batches without synchronizing; read
+        across replicas it is their sum."""
+        with keras.name_scope(self.name, caller=self):
+            accumulator = keras.Variable(
+                initializer="zeros",
+                shape=variable.shape,
+                dtype=variable.dtype,
+                trainable=False,
+                aggregation="sum",
+                synchronization="on_read",
+                name=f"{variable.path.replace('/', '_')}_dp_grad_sum",
             )
+        self._track_variable(accumulator)
+        return accumulator
 
     # -- The private step's second half (called by DPTrainer.train_step). --
 
@@ -142,13 +157,6 @@ class DPOptimizerMixin:
                 then the given `batch_size`, not the rows.
         """
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1 and self.accumulation_steps > 1:
-            raise NotImplementedError(
-                "Gradient accumulation across several replicas is not "
-                "supported yet (the update would synchronize the replicas "
-                "inside a conditional). Use accumulation_steps=1 with more "
-                "replicas or larger per-replica batches, or one replica."
-            )
         if physical_batch_size is not None:
             physical_batch_size *= replicas
         batch_size = self._logical_batch_size(physical_batch_size, padded)
@@ -165,11 +173,15 @@ class DPOptimizerMixin:
     def accumulate(self, grad_sum, variables):
         """Adds one physical batch's clipped sum to the logical batch's.
 
+        Under several replicas each replica accumulates its own share
+        (replica-local variables, no communication); `apply_mean` sums the
+        replicas' totals once per logical batch.
+
         Returns:
             `(total, is_last)`: the logical batch's sum so far (this batch
-            included) and whether this was its last physical batch (a
-            Python True without accumulation). The sums restart from zero
-            after the last one.
+            included; this replica's share) and whether this was its last
+            physical batch (a Python True without accumulation). The sums
+            restart from zero after the last one.
         """
         if self.accumulation_steps == 1:
             return grad_sum, True

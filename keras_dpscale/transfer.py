@@ -11,14 +11,35 @@ DP fine-tuning a model pre-trained on public data. The recipe here:
 
 Only the trainable variables get per-example gradients, so head-only DP
 fine-tuning costs little more than a forward pass.
+
+A `keras.applications` backbone with BatchNormalization (ResNet,
+MobileNet, EfficientNet) trains with DP once its BatchNormalization layers
+are frozen: Keras 3 then normalizes each example with the fixed moving
+statistics (pre-trained on public data) and updates none of them, so the
+layers neither mix the examples nor learn from them
+(`validators.frozen_batch_normalization`):
+
+    model = kd.transfer.backbone_classifier(
+        "MobileNetV3Small", num_classes=10, input_shape=(224, 224, 3),
+        weights="mobilenet_v3_small_notop.weights.h5",  # public weights
+        trainable_from="expanded_conv_10_expand",  # or None: head only
+    )
+    model.compile(optimizer=kd.DPSGD(...), ...)
+
+`freeze_batch_normalization` and `unfreeze` do the same on a model of
+your own: whatever else is trainable, every BatchNormalization stays
+frozen.
 """
 
 import pickle
 import re
 
+import keras
 import numpy as np
 
+from keras_dpscale import dp_model
 from keras_dpscale import saving
+from keras_dpscale._compat import keras_private
 
 
 def load_backbone(model, source, exclude=("head",)):
@@ -87,6 +108,117 @@ def freeze(model, until=None, num_layers=None, names=()):
     for layer in frozen:
         layer.trainable = False
     return [layer.name for layer in frozen]
+
+
+def batch_normalization_layers(model):
+    """Every `keras.layers.BatchNormalization` of `model`, nested too."""
+    return [
+        layer
+        for layer in keras_private.flatten_layers(model, include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+def freeze_batch_normalization(model):
+    """Sets `trainable = False` on every BatchNormalization of `model`.
+
+    Keras 3 then runs them in inference mode even in training: each example
+    is normalized by the moving statistics, which stay as they are. Call it
+    after anything that sets `trainable` on a parent layer (which sets it on
+    every sublayer), and compile afterwards.
+
+    Returns:
+        The names of the BatchNormalization layers.
+    """
+    found = batch_normalization_layers(model)
+    for layer in found:
+        layer.trainable = False
+    return [layer.name for layer in found]
+
+
+def unfreeze(model, from_layer=None, names=()):
+    """Makes the layers of `model` from `from_layer` on (in `model.layers`
+    order), and the named ones, trainable; every other layer, and every
+    BatchNormalization, frozen.
+
+    Args:
+        model: a functional model (a `keras.applications` backbone).
+        from_layer: the first layer to train, or None.
+        names: more layers to train.
+
+    Returns:
+        The names of the layers made trainable (BatchNormalization never).
+    """
+    layer_names = [layer.name for layer in model.layers]
+    missing = set(names) - set(layer_names)
+    if from_layer is not None and from_layer not in layer_names:
+        missing.add(from_layer)
+    if missing:
+        raise ValueError(f"No layers named {sorted(missing)}.")
+    start = (
+        len(layer_names)
+        if from_layer is None
+        else layer_names.index(from_layer)
+    )
+    model.trainable = True  # a frozen parent hides its sublayers' variables
+    trained = []
+    for index, layer in enumerate(model.layers):
+        train = index >= start or layer.name in names
+        layer.trainable = train
+        if train and layer.weights:
+            trained.append(layer.name)
+    frozen = set(freeze_batch_normalization(model))
+    return [name for name in trained if name not in frozen]
+
+
+def backbone_classifier(
+    backbone="MobileNetV3Small",
+    num_classes=10,
+    input_shape=(224, 224, 3),
+    weights=None,
+    trainable_from=None,
+    private=True,
+    **backbone_kwargs,
+):
+    """A `keras.applications` backbone, frozen, with a new Dense head.
+
+    The backbone is frozen, its BatchNormalization layers included (they
+    run in inference mode, on their moving statistics); only the head, and
+    the backbone's layers from `trainable_from` on (but no
+    BatchNormalization), are trained.
+
+    Args:
+        backbone: the name of a `keras.applications` model without its top
+            (`include_top=False`, average pooling).
+        num_classes: the head's outputs (logits).
+        input_shape: the images' shape.
+        weights: the backbone's weights: None (random initialization), the
+            path of a weights file without the top (public pre-training),
+            or "imagenet" (downloaded by Keras).
+        trainable_from: the first backbone layer to fine-tune, or None
+            (head only).
+        private: a `DPModel` (True) or a `keras.Model`.
+        **backbone_kwargs: more arguments of the backbone's constructor.
+
+    Returns:
+        The model, uncompiled; the head is the layer named "head".
+    """
+    base = getattr(keras.applications, backbone)(
+        include_top=False,
+        weights=weights,
+        input_shape=tuple(input_shape),
+        pooling="avg",
+        **backbone_kwargs,
+    )
+    base.trainable = False
+    if trainable_from is not None:
+        unfreeze(base, from_layer=trainable_from)
+    freeze_batch_normalization(base)
+    inputs = keras.Input(tuple(input_shape))
+    features = base(inputs)
+    outputs = keras.layers.Dense(num_classes, name="head")(features)
+    cls = dp_model.DPModel if private else keras.Model
+    return cls(inputs, outputs, name=f"{backbone}_classifier")
 
 
 def read_haiku_checkpoint(path):

@@ -2,6 +2,7 @@
 
 - `check_layers`: layers that mix the examples of a batch by design
   (BatchNormalization in training mode, MixUp, CutMix, `mixes_examples`);
+  a frozen BatchNormalization (`frozen_batch_normalization`) is allowed;
 - `data_dependent_state`: state set from data outside DP training (adapted
   preprocessing layers), which the privacy statement lists as not covered;
 - `checked_masks`: a padded dataset's masks are 0/1, never weights;
@@ -96,34 +97,81 @@ def checked_masks(data):
     return data.map(check)
 
 
+def frozen_batch_normalization(layer):
+    """True for a `BatchNormalization` that runs in inference mode even in
+    training, so that it neither mixes the examples nor learns from them.
+
+    Keras 3's `BatchNormalization.call` takes the batch's statistics and
+    updates its moving ones only `if training and self.trainable`. So the
+    layer is frozen exactly when its own `trainable` is False (not its
+    parent's: `backbone.trainable = False` sets it on every sublayer, but a
+    BatchNormalization set trainable again inside a frozen backbone runs in
+    training mode) and its `call` is Keras' own (a subclass or an instance
+    that replaces `call` may do anything). It then normalizes each example
+    by the fixed moving statistics, and has no trainable variables.
+    """
+    return (
+        isinstance(layer, keras.layers.BatchNormalization)
+        and not layer.trainable
+        and not getattr(layer, "mixes_examples", False)
+        and "call" not in vars(layer)
+        and type(layer).call is keras.layers.BatchNormalization.call
+    )
+
+
 def check_layers(model):
     """Raises if the model has a layer that mixes examples by design
-    (BatchNormalization, MixUp, CutMix, or `mixes_examples = True`).
+    (BatchNormalization in training mode, MixUp, CutMix, or
+    `mixes_examples = True`).
 
-    This is a check of intent, in both engines; the fast engine also proves
-    on the traced computation that nothing else mixes (`separability`).
+    A frozen BatchNormalization (`frozen_batch_normalization`: its own
+    `trainable` is False and its `call` is Keras') is allowed: it normalizes
+    each example with fixed statistics and updates none. MixUp and CutMix
+    mix whether trainable or not, and stay refused.
+
+    This is a check of intent, in both engines; the engines prove what runs
+    (the fast engine: `separability` refuses batch statistics; both: a
+    variable written from the data raises at the first step).
     """
     for layer in keras_private.flatten_layers(model):
+        if frozen_batch_normalization(layer):
+            continue
         if isinstance(layer, _MIXING_LAYERS) or getattr(
             layer, "mixes_examples", False
         ):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                fix = (
-                    "Replace it with keras.layers.GroupNormalization or "
-                    "LayerNormalization."
-                )
-            else:
-                fix = (
-                    "Remove it: mixing examples (MixUp, CutMix) is not "
-                    "compatible with per-example clipping; augment each "
-                    "example on its own (augmult) instead."
-                )
             raise ValueError(
                 f"Layer '{layer.name}' ({type(layer).__name__}) computes its "
                 "output for one example from other examples of the batch, "
                 "so per-example gradients and their clipping bound do not "
-                f"hold. {fix}"
+                f"hold. {_fix(layer)}"
             )
+
+
+def _fix(layer):
+    """The fix named by `check_layers`' error for `layer`."""
+    if not isinstance(layer, keras.layers.BatchNormalization):
+        return (
+            "Remove it: mixing examples (MixUp, CutMix) is not compatible "
+            "with per-example clipping; augment each example on its own "
+            "(augmult) instead."
+        )
+    if getattr(layer, "mixes_examples", False):
+        return "It declares `mixes_examples = True`: remove it."
+    if not layer.trainable:
+        return (
+            "It is frozen, but its class replaces BatchNormalization's call, "
+            "so it may still use the batch's statistics. Use "
+            "keras.layers.BatchNormalization itself, or replace it with "
+            "keras.layers.GroupNormalization or LayerNormalization."
+        )
+    return (
+        "Replace it with keras.layers.GroupNormalization or "
+        "LayerNormalization, or freeze it (`layer.trainable = False`, on "
+        "the BatchNormalization layer itself: Keras then normalizes with "
+        "its fixed moving statistics, one example at a time; "
+        "keras_dpscale.transfer.freeze_batch_normalization does it for a "
+        "whole model)."
+    )
 
 
 def data_dependent_state(model):

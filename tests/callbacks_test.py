@@ -60,7 +60,15 @@ def test_training_stops_before_the_budget(accumulation_steps):
     )
     opt = model.optimizer
     allowed = accounting.calibrate_steps(budget, 1e-3, 1.5, 32, N, "rdp")
-    history = model.fit(*arrays(), batch_size=32, epochs=100, verbose=0)
+    budget_callback = kd.callbacks.PrivacyBudget(verbose=0)
+    history = model.fit(
+        *arrays(),
+        batch_size=32,
+        epochs=100,
+        verbose=0,
+        callbacks=[budget_callback],
+    )
+    assert budget_callback.stopped_at_budget  # 100 epochs were planned
     steps = int(opt.iterations)
     assert steps == allowed  # not one step more, and none wasted
     assert model.epsilon() <= budget < epsilon_after(opt, steps + 1)
@@ -77,7 +85,16 @@ def test_target_epsilon_calibrates_at_the_first_step_and_is_met():
     model = model_with(target_epsilon=3.0, epochs=4)
     opt = model.optimizer
     assert opt.noise_multiplier is None  # B comes from the data
-    model.fit(*arrays(), batch_size=32, epochs=4, verbose=0)
+    budget_callback = kd.callbacks.PrivacyBudget(verbose=0)
+    model.fit(
+        *arrays(),
+        batch_size=32,
+        epochs=4,
+        verbose=0,
+        callbacks=[budget_callback],
+    )
+    # The plan's last step meets the target: nothing was stopped early.
+    assert not budget_callback.stopped_at_budget
     assert opt.batch_size == 32
     assert opt.noise_multiplier == pytest.approx(
         accounting.calibrate_noise_multiplier(

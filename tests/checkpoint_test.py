@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import keras_dpscale as kd
 from keras_dpscale import checkpoint
+from keras_dpscale import storage
 
 N = 64
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -338,3 +339,75 @@ def test_restore_refuses_another_batch_size(tmp_path):
     same = small_dp_model(batch_size=16)
     assert checkpoint.restore(same, str(tmp_path)) is not None
     assert same.optimizer.batch_size == 16
+
+
+def test_checkpoints_in_a_gs_like_directory(tmp_path, monkeypatch):
+    # TensorFlow's in-memory filesystem stands in for gs://.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    directory = f"ram://checkpoint_test/{os.getpid()}-{id(tmp_path)}"
+    model = dense_model()
+    opt = model.optimizer
+    opt.build(model.trainable_variables)
+    assert checkpoint.restore(model, directory) is None
+    opt.iterations.assign(3)
+    good = checkpoint.save(model, directory, epoch=1, batch=2)
+    assert good == f"{directory}/ckpt-0000000003.npz"
+    expected = all_values(model)
+    for v in model.trainable_variables:
+        v.assign(v + 1.0)
+    opt.iterations.assign(7)
+    torn = checkpoint.save(model, directory, epoch=1, batch=10)
+    storage.write_bytes(torn, storage.read_bytes(torn)[:300])
+    temp = f"{directory}/.ckpt-0000000009.npz.tmp-0a1b"
+    storage.write_bytes(temp, b"partial")
+    pointer = json.loads(storage.read_text(f"{directory}/checkpoint.json"))
+    assert pointer["step"] == 7
+    assert checkpoint.checkpoints(directory) == [torn, good]
+    fresh = dense_model(seed=1)
+    state = checkpoint.restore(fresh, directory)  # falls back to step 3
+    assert (state.step, state.epoch, state.batch, state.path) == (
+        3,
+        1,
+        2,
+        good,
+    )
+    for want, got in zip(expected, all_values(fresh)):
+        np.testing.assert_array_equal(want, got)
+    callback = checkpoint.Checkpoint(directory)
+    callback.set_model(fresh)
+    callback.on_train_begin()
+    assert not storage.exists(temp)
+    assert os.listdir(tmp_path) == []  # no local folder named "ram:"
+
+
+def test_a_worker_that_is_not_chief_writes_no_checkpoint(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    directory = f"ram://checkpoint_test/worker-{os.getpid()}"
+    model = dense_model()
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.iterations.assign(2)
+    chiefs = checkpoint.save(model, directory, epoch=0, batch=4)
+    temp = f"{directory}/.ckpt-0000000009.npz.tmp-0a1b"
+    storage.write_bytes(temp, b"the chief's, being written")
+    before = sorted(storage.listdir(directory))
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps(
+            {
+                "cluster": {"worker": ["localhost:1", "localhost:2"]},
+                "task": {"type": "worker", "index": 1},
+            }
+        ),
+    )
+    # Every worker resumes from the chief's checkpoints ...
+    state = checkpoint.restore(dense_model(seed=1), directory)
+    assert (state.step, state.path) == (2, chiefs)
+    # ... but its own go to a temporary directory, deleted at once.
+    model.optimizer.iterations.assign(5)
+    path = checkpoint.save(model, directory, epoch=0, batch=10)
+    assert path == f"{directory}/ckpt-0000000005.npz"
+    callback = checkpoint.Checkpoint(directory)
+    callback.set_model(model)
+    callback.on_train_begin()  # leaves the chief's temporary alone
+    assert sorted(storage.listdir(directory)) == before

@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-mode, out = sys.argv[1], sys.argv[2]
+mode, out, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "one_process":  # 2 replicas in this process
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
@@ -43,8 +43,8 @@ x = rng.normal(size=(32, 6)).astype("float32")
 y = rng.integers(0, 3, 32)
 
 
-def dataset_fn(ctx):  # replica r gets rows [8r, 8r + 8) of each batch of 16
-    per_replica = 16 // ctx.num_replicas_in_sync
+def dataset_fn(ctx):  # replica r gets the r-th part of each batch of 16 // k
+    per_replica = 16 // k // ctx.num_replicas_in_sync  # k physical batches
     local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
     first = ctx.input_pipeline_id * local
 
@@ -53,7 +53,7 @@ def dataset_fn(ctx):  # replica r gets rows [8r, 8r + 8) of each batch of 16
         return (tf.ensure_shape(xb[rows], [per_replica, 6]),
                 tf.ensure_shape(yb[rows], [per_replica]))
 
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(16).flat_map(
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(16 // k).flat_map(
         lambda xb, yb: tf.data.Dataset.range(first, first + local).map(
             lambda r: part(xb, yb, r)))
 
@@ -66,11 +66,12 @@ with strategy.scope():
     model.compile(
         optimizer=kd.DPSGD(learning_rate=1.0, l2_norm_clip=0.05,
                            noise_multiplier=2.0, noise_seed=3, batch_size=16,
-                           num_examples=32, target_delta=1e-5),
+                           num_examples=32, target_delta=1e-5,
+                           accumulation_steps=k),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 before = [v.numpy() for v in model.trainable_variables]
 model.fit(strategy.distribute_datasets_from_function(dataset_fn),
-          steps_per_epoch=2, epochs=1, verbose=0)
+          steps_per_epoch=2 * k, epochs=1, verbose=0)
 np.savez(out, epsilon=model.epsilon(),
          steps=int(model.optimizer.iterations.numpy()),
          *[v.numpy() - b for v, b in zip(model.trainable_variables, before)])
@@ -83,13 +84,23 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_multi_worker_training_equals_one_process(tmp_path):
+@pytest.mark.parametrize("k", [1, 2])
+def test_multi_worker_training_equals_one_process(tmp_path, k):
+    """2 workers equal one process with 2 replicas, with and without
+    accumulating k physical batches per logical batch."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}
     cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, "worker", str(tmp_path / f"w{i}")],
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                "worker",
+                str(tmp_path / f"w{i}"),
+                str(k),
+            ],
             env={
                 **env,
                 "TF_CONFIG": json.dumps(
@@ -103,7 +114,14 @@ def test_multi_worker_training_equals_one_process(tmp_path):
         for i in range(2)
     ]
     one = subprocess.run(
-        [sys.executable, "-c", WORKER, "one_process", str(tmp_path / "one")],
+        [
+            sys.executable,
+            "-c",
+            WORKER,
+            "one_process",
+            str(tmp_path / "one"),
+            str(k),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -124,3 +142,14 @@ def test_multi_worker_training_equals_one_process(tmp_path):
         for k in updates:  # noise included: same seed, same single draw
             np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
             assert np.abs(want[k]).max() > 1e-3
+
+
+@pytest.mark.parametrize("tpu", [None, "local"])
+def test_tpu_strategy_without_a_tpu_raises_a_clear_error(tpu):
+    # No TPU here: no name to resolve (None), or none in the local cluster.
+    with pytest.raises(distribute.StrategyUnavailableError) as error:
+        distribute.make_strategy("tpu", tpu)
+    message = str(error.value)
+    assert message.startswith("no TPU found")
+    assert "\n" not in message and len(message) < 500
+    assert "--strategy default or mirrored" in message

@@ -1,6 +1,7 @@
 """SavedModel export: served by TensorFlow alone, EMA weights, privacy."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -287,3 +288,62 @@ def test_tool_exports_a_saved_keras_file(exported):
     np.testing.assert_allclose(
         loaded.serve(exported["x"]).numpy(), exported["expected_ema"], atol=1e-5
     )
+
+
+def untrained_dp_model():
+    model = kd.make_private(tiny_models()[1])
+    model.compile(
+        optimizer=kd.DPSGD(
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            num_examples=64,
+            target_delta=1e-5,
+        ),
+        loss=LOSS,
+    )
+    return model
+
+
+def test_export_to_a_gs_like_path_quietly(tmp_path, monkeypatch, caplog):
+    # TensorFlow's in-memory filesystem stands in for gs://.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    path = f"ram://export_test/{os.getpid()}-{id(tmp_path)}/saved_model"
+    model = untrained_dp_model()
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    caplog.set_level(logging.INFO)  # the root logger: absl's INFO lines
+    caplog.set_level(logging.INFO, logger="tensorflow")
+    try:
+        record = kd.export_saved_model(model, path)
+        after = tf_logger.level
+    finally:
+        tf_logger.setLevel(level)
+    assert after == logging.INFO  # restored after the export
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "Assets written" in m], said
+    assert not [m for m in said if "fingerprint" in m], said
+    assert tf.io.gfile.exists(f"{path}/saved_model.pb")
+    with tf.io.gfile.GFile(f"{path}/assets/privacy.json") as f:
+        assert json.load(f) == record
+    x = inputs_for(model, 3)[0]
+    loaded = tf.saved_model.load(path)
+    np.testing.assert_allclose(
+        loaded.serve(x).numpy(), predict(model, x), atol=1e-5
+    )
+    assert os.listdir(tmp_path) == []  # no local folder named "ram:"
+
+
+def test_a_worker_that_is_not_chief_exports_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps(
+            {
+                "cluster": {"worker": ["localhost:1", "localhost:2"]},
+                "task": {"type": "worker", "index": 1},
+            }
+        ),
+    )
+    record = kd.export_saved_model(untrained_dp_model(), str(tmp_path / "m"))
+    assert record["steps"] == 0
+    assert not (tmp_path / "m").exists()

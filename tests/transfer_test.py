@@ -1,14 +1,27 @@
 """Transfer learning: backbone loading, freezing, head-only DP fine-tuning."""
 
+import logging
+import os
 import pickle
 
+import gin
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras_dpscale as kd
+from keras_dpscale import experiment
 from tests.conftest import LOSS
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+@pytest.fixture
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
 
 
 def wrn(num_classes, width=1):
@@ -193,3 +206,132 @@ def test_load_nfnet_checkpoint_from_a_file_with_the_official_keys(
         pickle.dump(tree, f)
     with pytest.raises(ValueError, match="missing"):
         kd.transfer.load_nfnet_checkpoint(tiny_nfnet(3), path)
+
+
+# -- A keras.applications backbone with frozen BatchNormalization (issue 19).
+
+
+def backbone_weights(model):
+    """`{path: value}` of every weight of the backbone (moving statistics
+    of its BatchNormalization layers included)."""
+    return {v.path: v.numpy() for v in model.layers[1].weights}
+
+
+def fit_dp(model, steps=2, batch=8, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (steps * batch,) + tuple(model.inputs[0].shape[1:])
+    x = rng.uniform(0, 255, size=shape).astype("float32")
+    y = rng.integers(0, 3, size=steps * batch).astype("int32")
+    model.compile(
+        optimizer=kd.DPSGD(
+            learning_rate=0.5, momentum=0.9, l2_norm_clip=1.0,
+            noise_multiplier=1.0, batch_size=batch, target_delta=1e-5,
+        ),
+        loss=LOSS,
+    )  # fmt: skip
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+    return model
+
+
+def test_frozen_applications_backbone_trains_its_head_with_dp():
+    model = kd.transfer.backbone_classifier(
+        "MobileNetV3Small", num_classes=3, input_shape=(32, 32, 3)
+    )
+    norms = kd.transfer.batch_normalization_layers(model)
+    assert len(norms) > 10 and not any(n.trainable for n in norms)
+    assert [v.path for v in model.trainable_variables] == [
+        "head/kernel", "head/bias",
+    ]  # fmt: skip
+    before = backbone_weights(model)
+    head = model.get_layer("head").kernel.numpy()
+    fit_dp(model)
+    for path, value in backbone_weights(model).items():
+        np.testing.assert_array_equal(value, before[path], err_msg=path)
+    assert not np.array_equal(model.get_layer("head").kernel, head)
+    assert 0 < model.epsilon() < np.inf
+
+
+def test_last_block_fine_tuned_with_its_batch_normalization_frozen(
+    clean_gin,
+):
+    # The example config builds it; a few DP steps train the last block's
+    # convolutions, while every BatchNormalization stays as it was.
+    experiment.parse_config(
+        [os.path.join(CONFIGS, "transfer_frozen_backbone.gin")]
+    )
+    model = experiment.build_model()
+    gin.clear_config()
+    assert isinstance(model, kd.DPModel)
+    trained = {v.path.split("/")[0] for v in model.trainable_variables}
+    assert trained == {
+        "expanded_conv_10_project", "conv_1", "head",
+    }  # fmt: skip
+    norms = kd.transfer.batch_normalization_layers(model)
+    stats = {v.path: v.numpy() for n in norms for v in n.weights}
+    project = model.layers[1].get_layer("expanded_conv_10_project")
+    kernel = project.kernel.numpy()
+    fit_dp(model)
+    assert model._dp_engine.chosen == "fast"
+    for n in norms:
+        for v in n.weights:
+            np.testing.assert_array_equal(v.numpy(), stats[v.path])
+    assert not np.array_equal(project.kernel.numpy(), kernel)
+
+
+def test_backbone_weights_from_a_file(tmp_path):
+    base = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, input_shape=(32, 32, 3),
+        pooling="avg",
+    )  # fmt: skip
+    perturbed(base)
+    path = str(tmp_path / "public.weights.h5")
+    base.save_weights(path)
+    model = kd.transfer.backbone_classifier(
+        "MobileNetV3Small", num_classes=3, input_shape=(32, 32, 3),
+        weights=path,
+    )  # fmt: skip
+    for a, b in zip(model.layers[1].weights, base.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_unfreeze_never_unfreezes_batch_normalization():
+    i = keras.Input((4,))
+    h = keras.layers.Dense(3, name="a")(i)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Dense(3, name="b")(h)
+    model = keras.Model(i, keras.layers.Dense(2, name="c")(h))
+    model.trainable = False
+    assert kd.transfer.unfreeze(model, from_layer="bn") == ["b", "c"]
+    assert not model.get_layer("bn").trainable
+    assert not model.get_layer("a").trainable
+    assert kd.transfer.unfreeze(model, names=["a"]) == ["a"]
+    assert kd.transfer.freeze_batch_normalization(model) == ["bn"]
+    with pytest.raises(ValueError, match="No layers"):
+        kd.transfer.unfreeze(model, from_layer="nope")
+    kd.make_private(model).compile(
+        optimizer=kd.DPSGD(
+            learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.0
+        ),
+        loss=LOSS,
+    )  # the frozen BatchNormalization is accepted
+
+
+def test_fast_engine_is_exact_through_the_frozen_backbone(caplog):
+    # The fast engine proves the frozen MobileNetV3 (inference-mode
+    # BatchNormalization, hard-swish, squeeze-excite) keeps examples apart
+    # and its clipped sum equals the one of a loop over single examples.
+    from tests.conftest import inputs_for
+    from tests.conftest import reference_clipped_sum
+    from tests.rules.harness import assert_sums_close
+    from tests.rules.harness import clipped_sum
+
+    model = kd.transfer.backbone_classifier(
+        "MobileNetV3Small", num_classes=3, input_shape=(32, 32, 3),
+        trainable_from="expanded_conv_10_project",
+    )  # fmt: skip
+    x, y = inputs_for(model, 4)
+    expected, clip = reference_clipped_sum(model, x, y)  # half clipped
+    with caplog.at_level(logging.INFO, logger="keras_dpscale"):
+        fast = clipped_sum(model, x, y, clip, "fast")
+    assert "vectorized" not in caplog.text  # no fallback, no layer alone
+    assert_sums_close(fast, expected, rtol=1e-5)

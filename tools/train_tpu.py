@@ -5,6 +5,10 @@
 
 Same flags as `tools/train.py` (`--data_dir`: where tfds finds the prepared
 datasets); `--strategy` defaults to "tpu" (on a TPU VM, `--tpu=local`).
+Without a TPU it says so in one line ("train_tpu.py: no TPU found ...") and
+exits with code 1. `--dry_run` checks a config anywhere: without a TPU it
+says so and builds the data (synthetic if absent), model and optimizer and
+compiles one DP step on the default strategy (see `tools/train.py`).
 """
 
 import os

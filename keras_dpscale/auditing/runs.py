@@ -1,9 +1,9 @@
 """Audited training runs through the real DP step, and their report."""
 
 import dataclasses
+import io
 import json
 import math
-import os
 import secrets
 import time
 
@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras_dpscale import dp_model
 from keras_dpscale import optimizers
 from keras_dpscale import sampling as sampling_lib
+from keras_dpscale import storage
 from keras_dpscale.auditing.canaries import DiracCanaries
 from keras_dpscale.auditing.canaries import draw_inclusion
 from keras_dpscale.auditing.canaries import input_space_canaries
@@ -624,15 +625,15 @@ def write_report(result, output_dir):
 
     Args:
         result: an `AuditResult`.
-        output_dir: the folder (created if needed).
+        output_dir: the folder (created if needed): a local path or a URL
+            such as `gs://bucket/audit` (written through `tf.io.gfile`).
 
     Returns:
         `(json_path, png_path)`.
     """
-    os.makedirs(output_dir, exist_ok=True)
-    json_path = os.path.join(output_dir, "report.json")
-    with open(json_path, "w") as f:
-        json.dump(result.to_dict(), f, indent=2)
+    storage.makedirs(output_dir)
+    json_path = storage.join(output_dir, "report.json")
+    storage.write_text(json_path, json.dumps(result.to_dict(), indent=2))
     import matplotlib  # lazily: only the report needs it
 
     matplotlib.use("Agg")
@@ -652,7 +653,9 @@ def write_report(result, output_dir):
         fontsize=9,
     )
     ax.legend()
-    png_path = os.path.join(output_dir, "scores.png")
-    fig.savefig(png_path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    png_path = storage.join(output_dir, "scores.png")
+    with io.BytesIO() as png:
+        fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        storage.write_bytes(png_path, png.getvalue())
     return json_path, png_path

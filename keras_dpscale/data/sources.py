@@ -86,14 +86,38 @@ def _from_image_folder(path, split, cache_dir):
     return ds.map(lambda x, y: (tf.ensure_shape(x, shape), y))
 
 
+def _tfds_data_dir(data_dir):
+    """The directory tfds reads prepared datasets from."""
+    return os.path.expanduser(
+        data_dir
+        or os.environ.get("TFDS_DATA_DIR")
+        or os.path.join("~", "tensorflow_datasets")
+    )
+
+
+def _has_manual_archives(manual_dir):
+    return bool(
+        manual_dir and os.path.isdir(manual_dir) and os.listdir(manual_dir)
+    )
+
+
 def _from_tfds(name, split, data_dir, manual_dir):
+    where = _tfds_data_dir(data_dir)
+    if (
+        "://" not in where
+        and not os.path.isdir(os.path.join(where, name.split(":")[0]))
+        and not _has_manual_archives(manual_dir)
+    ):
+        # Neither prepared here nor preparable: say so without asking tfds,
+        # which would log a warning for each missing version folder (e.g.
+        # "Variant folder .../fashion_mnist/3.0.1 has no dataset_info.json")
+        # before the next source is tried.
+        raise FileNotFoundError(
+            f"not prepared in {where}, and no manual_dir with its archives"
+        )
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
-        if (
-            not manual_dir
-            or not os.path.isdir(manual_dir)
-            or not os.listdir(manual_dir)
-        ):
+        if not _has_manual_archives(manual_dir):
             raise FileNotFoundError(
                 f"not prepared in {builder.data_dir}, and no manual_dir with "
                 "its archives"

@@ -52,6 +52,14 @@ def train_dataset(
         if _random_access(examples):
             sample = functools.partial(poisson.poisson_source_dataset, examples)
         else:
+            if kwargs.get("preprocess") is not None:
+                raise ValueError(
+                    "preprocess= needs a random-access source (Poisson "
+                    "batches of in-memory images are normalized, not "
+                    "preprocessed): pass tfds.data_source(...) examples, "
+                    "or bind build_data.random_access = True."
+                )
+            kwargs.pop("preprocess", None)
             images, labels = sources.to_arrays(examples)
             sample = functools.partial(poisson.poisson_dataset, images, labels)
         return sample(

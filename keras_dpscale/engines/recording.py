@@ -118,7 +118,7 @@ def recording(model):
 def _record(layer, own, args, kwargs):
     """`(rule, recorded)` by the registered rule of `layer`, or `(None,
     None)` where it has none or its rule does not cover this call: one input
-    tensor, a layer neither quantized nor with LoRA, and a rule that clips
+    tensor, a layer not quantized, and a rule that clips
     all of the layer's trainable variables (some frozen: fall back)."""
     rule = rules.rule_for(layer)
     x = _single_input(args, kwargs)
@@ -126,7 +126,6 @@ def _record(layer, own, args, kwargs):
         rule is None
         or x is None
         or getattr(layer, "quantization_mode", None) is not None
-        or getattr(layer, "lora_enabled", False)
     ):
         return None, None
     recorded = rule.forward(layer, x)

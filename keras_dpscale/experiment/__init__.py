@@ -26,6 +26,7 @@ import gin
 import keras
 import tensorflow as tf
 
+from keras_dpscale import storage
 from keras_dpscale.experiment.inputs import DATA_DIR_ENV
 from keras_dpscale.experiment.inputs import REPOSITORY
 from keras_dpscale.experiment.inputs import Inputs
@@ -72,7 +73,10 @@ def train_and_evaluate(
     """Trains a `DPModel` privately, evaluates it, exports it.
 
     Args:
-        model_dir: where the run's outputs go (see `run`).
+        model_dir: where the run's outputs go (see `run`): a local path or
+            a URL such as `gs://bucket/run`, read and written through
+            `tf.io.gfile`; under a multi-worker strategy only the chief
+            writes there.
         strategy: a `tf.distribute.Strategy` (default: the current one).
         data_dir: the data directory (see `build_data`).
         batch_size, epochs, accumulation_steps, sampling, seed,
@@ -82,10 +86,14 @@ def train_and_evaluate(
     Returns:
         The result of `run`: test accuracy, epsilon, delta, sigma, steps,
         seconds, ...
+
+    Raises:
+        OSError: `model_dir` cannot be written (checked before anything
+            else is done).
     """
     started = time.time()
     strategy = strategy or tf.distribute.get_strategy()
-    os.makedirs(model_dir, exist_ok=True)
+    storage.check_writable(model_dir, strategy)  # before any work
     keras.utils.set_random_seed(seed)
     plan = Plan(
         batch_size=batch_size,

@@ -7,6 +7,12 @@ A config names a registered model (`build_model.model = "wrn_16_4"`, with
     build_model.model = @wide_resnet
     wide_resnet.depth = 16
 
+or a `keras.applications` backbone with a new head, frozen BatchNormalization
+included (`transfer.backbone_classifier`):
+
+    build_model.model = @backbone_classifier
+    backbone_classifier.backbone = "MobileNetV3Small"
+
 The settings of the private step (how clipping is computed, in chunks of
 how many examples) are the trainer's, given to `model.compile`
 (`compile_model.clipping`, `compile_model.microbatch_size`).
@@ -25,6 +31,9 @@ for _factory in (
     models.wide_resnet,
 ):
     gin.external_configurable(_factory, module="keras_dpscale.models")
+gin.external_configurable(
+    transfer.backbone_classifier, module="keras_dpscale.transfer"
+)
 
 
 @gin.configurable

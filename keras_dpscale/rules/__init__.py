@@ -20,7 +20,7 @@ needs from an earlier one is returned by the earlier and passed back in.
    takes, with anything else the next steps need (`saved`). None if the
    rule does not cover this layer's configuration (the fallback then
    takes it). The engine asks only for a call with one input tensor
-   (besides `training`) of a layer neither quantized nor with LoRA.
+   (besides `training`) of a layer that is not quantized.
 2. `sq_norms(layer, recorded, grads, batch) -> (sq_norms, state)`: from
    `grads` (G, the gradient of the summed loss with respect to
    `recorded.sources`, same structure), each example's squared L2 norm
@@ -75,9 +75,14 @@ class MyScaleRule(rules.Rule):
 
 A subclass of a registered class inherits its rule unless it changes its
 computation (`rule_for`). Check a rule with `tests/rules/harness.py` (norms
-and clipped sums against per-example gradients). The built-in rules cover `Dense`, `Conv2D`,
-`Embedding`, `GroupNormalization` and `LayerNormalization`; the layers of
-`keras_dpscale.layers` register their own.
+and clipped sums against per-example gradients). The built-in rules cover
+`Dense`, `EinsumDense` (and so `MultiHeadAttention`, whose projections are
+`EinsumDense`s), `Conv1D`, `Conv2D`, `DepthwiseConv2D`, `SeparableConv2D`,
+`Embedding`, `GroupNormalization`, `LayerNormalization` (with or without
+RMS scaling) and `RMSNormalization`, and `Dense`, `EinsumDense` and
+`Embedding` with LoRA (`rules.lora`); the layers of `keras_dpscale.layers`
+register their own.
+Each rule's module says which configurations fall back.
 """
 
 import dataclasses
@@ -241,6 +246,12 @@ def _changes_computation(cls):
 
 # The built-in rules register themselves on import.
 from keras_dpscale.rules import conv  # noqa: E402,F401
+from keras_dpscale.rules import conv1d  # noqa: E402,F401
 from keras_dpscale.rules import dense  # noqa: E402,F401
+from keras_dpscale.rules import depthwise  # noqa: E402,F401
+from keras_dpscale.rules import einsum_dense  # noqa: E402,F401
 from keras_dpscale.rules import embedding  # noqa: E402,F401
+from keras_dpscale.rules import lora  # noqa: E402,F401  (after dense)
 from keras_dpscale.rules import normalization  # noqa: E402,F401
+from keras_dpscale.rules import rms_norm  # noqa: E402,F401
+from keras_dpscale.rules import separable  # noqa: E402,F401

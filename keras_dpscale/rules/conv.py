@@ -54,12 +54,22 @@ class ConvRule(linear.LinearRule):
     def geometry(self, layer, saved, padded=False):
         """The convolution's geometry (`ghost_norms`), on its input, or on
         its input already padded ("VALID")."""
+        kernel_size, strides, dilations = self.spatial(layer)
         return dict(
-            kernel_size=tuple(layer.kernel.shape[:2]),
-            strides=tuple(layer.strides),
+            kernel_size=kernel_size,
+            strides=strides,
             padding="VALID" if padded else layer.padding.upper(),
-            dilations=tuple(layer.dilation_rate),
+            dilations=dilations,
             out_size=tuple(saved.z.shape[1:3]),
+        )
+
+    def spatial(self, layer):
+        """`(kernel_size, strides, dilations)` of the layer seen as a 2D
+        convolution (`Conv1DRule` sees a 1D one as one of height 1)."""
+        return (
+            tuple(layer.kernel.shape[:2]),
+            tuple(layer.strides),
+            tuple(layer.dilation_rate),
         )
 
     def z32(self, layer, saved, x):
@@ -70,7 +80,8 @@ class ConvRule(linear.LinearRule):
         return keras.layers.Conv2D.convolution_op(layer, x, unit)
 
     def form(self, layer, saved, g_lin, batch):
-        kh, kw, c_in, d = layer.kernel.shape
+        (kh, kw), _, _ = self.spatial(layer)
+        c_in, d = layer.kernel.shape[-2:]
         num_rows, height, width, _ = saved.x.shape
         _, out_h, out_w, _ = g_lin.shape
         views = num_rows // batch
@@ -141,16 +152,18 @@ class ConvRule(linear.LinearRule):
         input with G scaled by c, and the shift's `tau` (per example)."""
         num_rows = g_lin.shape[0]
         x = rows.scale(kernel.shifted, rows.expand(keep, num_rows))
-        zero = tf.zeros(layer.kernel.shape)  # the convolution is linear in it
+        kernel_size, strides, dilations = self.spatial(layer)
+        # The convolution is linear in its kernel: the gradient at zero.
+        zero = tf.zeros(kernel_size + tuple(layer.kernel.shape[-2:]))
         with tf.GradientTape() as tape:
             tape.watch(zero)
             z = ops.conv(
                 x,
                 zero,
-                strides=layer.strides,
+                strides=strides,
                 padding="valid",
                 data_format="channels_last",
-                dilation_rate=layer.dilation_rate,
+                dilation_rate=dilations,
             )
         g = rows.scale(g_lin, rows.expand(factors, num_rows))
         total = tape.gradient(z, zero, output_gradients=g)

@@ -44,20 +44,28 @@ class NormalizationRule(SmallRule):
     def normalized(self, layer, x):
         raise NotImplementedError
 
+    def scale_and_offset(self, layer):
+        """`(gamma, beta)` that the layer applies (None where it has none)."""
+        return (
+            layer.gamma if layer.scale else None,
+            layer.beta if layer.center else None,
+        )
+
     def forward(self, layer, inputs):
         xhat = self.normalized(layer, inputs)
         if xhat is None:
             return None
         shape = [1] * (inputs.shape.rank - 1) + [inputs.shape[-1]]
+        gamma, beta = self.scale_and_offset(layer)
         o = xhat
         variables, multipliers = [], []
-        if layer.scale:
-            o = o * tf.reshape(tf.cast(layer.gamma, tf.float32), shape)
-            variables.append(layer.gamma)
+        if gamma is not None:
+            o = o * tf.reshape(tf.cast(gamma, tf.float32), shape)
+            variables.append(gamma)
             multipliers.append(xhat)
-        if layer.center:
-            o = o + tf.reshape(tf.cast(layer.beta, tf.float32), shape)
-            variables.append(layer.beta)
+        if beta is not None:
+            o = o + tf.reshape(tf.cast(beta, tf.float32), shape)
+            variables.append(beta)
             multipliers.append(None)
         outputs = ops.cast(o, layer.compute_dtype)
         return rules.Recorded(outputs, variables, o, tuple(multipliers))
@@ -88,17 +96,24 @@ class GroupNormRule(NormalizationRule):
 
 @rules.register_rule(keras.layers.LayerNormalization)
 class LayerNormRule(NormalizationRule):
-    """`LayerNormalization` over the last axis, without RMS scaling."""
+    """`LayerNormalization` over the last axis.
+
+    With `rms_scaling=True`, Keras divides the input by the square root of
+    its variance plus epsilon (`ops.layer_normalization`: the variance,
+    not the mean square) without subtracting the mean, and applies gamma
+    only (it has gamma even with `scale=False`, and no beta).
+    """
+
+    def scale_and_offset(self, layer):
+        return layer.gamma, layer.beta  # None where the layer has none
 
     def normalized(self, layer, x):
-        if layer.rms_scaling or list(layer.axis) not in (
-            [-1],
-            [x.shape.rank - 1],
-        ):
+        if list(layer.axis) not in ([-1], [x.shape.rank - 1]):
             return None
         x32 = tf.cast(x, tf.float32)
         mean, var = tf.nn.moments(x32, axes=[-1], keepdims=True)
-        return (x32 - mean) * tf.math.rsqrt(var + layer.epsilon)
+        inv = tf.math.rsqrt(var + layer.epsilon)
+        return x32 * inv if layer.rms_scaling else (x32 - mean) * inv
 
 
 class ScalarGainRule(SmallRule):

@@ -96,6 +96,18 @@ def test_missing_data_lists_what_was_tried(tmp_path):
     assert "apt-get install dataset-fashion-mnist" in message
 
 
+def test_absent_tfds_dataset_is_skipped_without_tfds_warnings(tmp_path, caplog):
+    # The main job's data_dir holds no prepared fashion_mnist: the tfds
+    # source is passed over quietly (tfds itself would warn "Variant folder
+    # ... has no dataset_info.json") and the error still says why.
+    with (
+        caplog.at_level("WARNING"),
+        pytest.raises(FileNotFoundError, match="not prepared in"),
+    ):
+        sources._from_tfds("fashion_mnist", "train", str(tmp_path), None)
+    assert not [r for r in caplog.records if "dataset_info" in r.getMessage()]
+
+
 def test_tfds_manual_dir_archive_is_used_and_checksummed(tmp_path):
     # A CIFAR-10 archive under the official name, in manual_dir: tfds takes
     # it instead of downloading, and rejects it by its checksum (a real

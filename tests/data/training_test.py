@@ -37,6 +37,8 @@ def test_bad_arguments_raise():
         )
     with pytest.raises(ValueError, match="sampling must be"):
         data.train_dataset(examples(), 20, sampling="uniform")
+    with pytest.raises(ValueError, match="random-access source"):
+        data.train_dataset(examples(), 20, preprocess=lambda image: image)
 
 
 def test_random_access_source_is_read_by_index():

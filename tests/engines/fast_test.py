@@ -10,12 +10,14 @@ import tensorflow as tf
 import keras_dpscale as kd
 from keras_dpscale.rules import ghost_norms
 from tests.conftest import LOSS
+from tests.conftest import compile_step
 from tests.conftest import inputs_for
 from tests.conftest import reference_clipped_sum
 from tests.conftest import tiny
 from tests.conftest import tiny_models
 from tests.rules.harness import assert_sums_close
 from tests.rules.harness import clipped_sum
+from tests.engines.vectorized_test import frozen_batch_norm_model
 
 
 def layer_zoo():
@@ -52,6 +54,7 @@ MODELS = {
     "embedding": lambda: kd.make_private(tiny_models()[2]),
     "sequence": sequence_model,
     "layer_zoo": layer_zoo,
+    "frozen_batch_norm": lambda: kd.make_private(frozen_batch_norm_model()),
 }
 
 
@@ -355,3 +358,74 @@ def test_a_variable_owned_by_two_layers_falls_back_exactly(caplog):
     auto = clipped_sum(model, x, y, 1.0, "auto")
     assert model._dp_engine.chosen == "vectorized"
     assert_sums_close(auto, clipped_sum(model, x, y, 1.0, "vectorized"))
+
+
+# -- A frozen BatchNormalization (transfer learning, issue 19). --------------
+
+
+def fit_a_few_steps(model, clipping):
+    x, y = inputs_for(model, 24, seed=3)
+    model.compile(
+        optimizer=kd.DPSGD(
+            learning_rate=0.5, l2_norm_clip=0.1, noise_multiplier=1.0,
+            batch_size=8,
+        ),
+        loss=LOSS,
+        clipping=clipping,
+    )  # fmt: skip
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("clipping", ["fast", "vectorized"])
+def test_dp_training_leaves_a_frozen_batch_normalization_as_it_was(clipping):
+    model = kd.make_private(frozen_batch_norm_model())
+    norm = model.get_layer("frozen_bn")
+    stats = [v.numpy() for v in norm.weights]
+    trained = [v.numpy() for v in model.trainable_variables]
+    fit_a_few_steps(model, clipping)
+    assert model._dp_engine.chosen == clipping
+    for v, before in zip(norm.weights, stats):  # moving statistics too
+        np.testing.assert_array_equal(v.numpy(), before)
+    for v, before in zip(model.trainable_variables, trained):
+        assert not np.array_equal(v.numpy(), before), v.path
+
+
+@pytest.mark.parametrize("clipping", ["auto", "vectorized"])
+def test_a_batch_normalization_unfrozen_after_compile_is_refused(clipping):
+    # compile's check saw it frozen; the step itself refuses it (its
+    # moving statistics are written from the data; the fast engine also
+    # cannot prove that the batch statistics keep examples apart).
+    model = kd.make_private(frozen_batch_norm_model())
+    x, y = inputs_for(model, 8)
+    model.compile(
+        optimizer=kd.DPSGD(
+            learning_rate=0.1, l2_norm_clip=0.1, noise_multiplier=1.0
+        ),
+        loss=LOSS,
+        clipping=clipping,
+    )
+    model.get_layer("frozen_bn").trainable = True
+    with pytest.raises(ValueError, match="moving_mean"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("clipping", ["fast", "vectorized"])
+def test_a_frozen_batch_normalization_keeps_each_example_within_c(clipping):
+    # The soundness test's adversary (tests/soundness_test.py): one crafted
+    # example, removed from the batch (masked, or zeroed), moves the clipped
+    # sum by at most C. Crafted: huge, constant, and a large offset.
+    from tests.soundness_test import B
+    from tests.soundness_test import influence
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(B, 8, 8, 3)).astype("float32")
+    x[0] = 1e3  # constant and huge
+    x[1] += 50.0  # offset
+    x[2] *= 1e-4  # tiny
+    y = rng.integers(0, 3, B).astype("int32")
+    model = compile_step(
+        kd.make_private(frozen_batch_norm_model()), 0.01, clipping,
+        batch_size=B,
+    )  # fmt: skip
+    for removed in (0, 1, 2):
+        assert influence(model, x, y, removed) <= 1 + 1e-4

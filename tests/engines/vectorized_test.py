@@ -1,5 +1,6 @@
 """Per-example gradients and clipping against direct computation."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -114,3 +115,51 @@ def test_microbatch_size_must_divide_batch():
         vectorized.clipped_gradient_sum(
             loss_fn_for(model), model.trainable_variables, (x, y), 1.0, 4
         )
+
+
+def frozen_batch_norm_model():
+    """Conv -> frozen BatchNormalization (public statistics, not the
+    defaults) -> ReLU -> Conv -> pooling -> Dense; the BatchNormalization
+    is the layer named "frozen_bn". Also used by `tests/engines/fast_test.py`."""
+    i = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same")(i)
+    norm = keras.layers.BatchNormalization(name="frozen_bn")
+    h = keras.layers.Activation("relu")(norm(h))
+    h = keras.layers.Conv2D(5, 3, strides=2)(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(i, keras.layers.Dense(3)(h))
+    rng = np.random.default_rng(7)
+    norm.moving_mean.assign(rng.normal(size=4))
+    norm.moving_variance.assign(rng.uniform(0.05, 3.0, size=4))
+    norm.gamma.assign(rng.normal(size=4))
+    norm.beta.assign(rng.normal(size=4))
+    norm.trainable = False
+    return model
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 2])
+def test_frozen_batch_normalization_gives_per_example_gradients(
+    microbatch_size,
+):
+    # Each example's gradient through a frozen BatchNormalization is the one
+    # computed with that example alone (a trainable one would differ: it
+    # normalizes by the batch's statistics).
+    model = frozen_batch_norm_model()
+    norm = model.get_layer("frozen_bn")
+    stats = [v.numpy() for v in norm.weights]
+    assert len(model.trainable_variables) == 6  # conv, conv, dense
+    x, y = inputs_for(model, 6)
+    expected = loop_gradients(model, x, y)
+
+    @tf.function(jit_compile=True)
+    def compute(x, y):
+        return vectorized.per_example_gradients(
+            loss_fn_for(model), model.trainable_variables, (x, y),
+            microbatch_size,
+        )  # fmt: skip
+
+    grads, _, _ = compute(x, y)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    for v, before in zip(norm.weights, stats):
+        np.testing.assert_array_equal(v.numpy(), before)

@@ -7,12 +7,15 @@ import subprocess
 import sys
 
 import gin
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras_dpscale as kd
+from keras_dpscale import checkpoint
 from keras_dpscale import experiment
+from keras_dpscale import storage
 
 ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -303,3 +306,115 @@ def test_cifar_configs_share_a_base_and_differ_in_what_differs(clean_gin):
     assert gin.query_parameter("build_model.model") == "wrn_40_4"
     assert gin.query_parameter("build_optimizer.target_epsilon") == 8.0
     assert gin.query_parameter("build_data.augmult") == 16
+
+
+class Preempted(Exception):
+    pass
+
+
+class Preempt(keras.callbacks.Callback):
+    """Stops the run as a preemption would, after `after` physical batches."""
+
+    def __init__(self, after):
+        super().__init__()
+        self.after, self.seen = after, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.after:
+            raise Preempted(f"preempted after {self.seen} batches")
+
+
+def tiny_run(tmp_path, monkeypatch, model_dir, *bindings):
+    """`train_and_evaluate` of the TINY config, from `tmp_path`'s data."""
+    gin.clear_config()
+    experiment.parse_config([SMOKE], TINY + list(bindings))
+    return experiment.train_and_evaluate(model_dir, None, str(tmp_path / "d"))
+
+
+def test_a_gs_model_dir_trains_resumes_and_leaves_no_local_folder(
+    tmp_path, monkeypatch, clean_gin
+):
+    # TensorFlow's in-memory filesystem stands in for gs://.
+    make_image_folder(tmp_path / "d" / "images")
+    (tmp_path / "factories").mkdir()
+    (tmp_path / "factories" / "tiny_factories.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path / "factories"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    root = f"ram://experiment_test/{os.getpid()}-{id(tmp_path)}"
+    every_step = "run.checkpoint_every_n_steps = 1"
+    want = tiny_run(tmp_path, monkeypatch, f"{root}/whole", every_step)
+    # A run preempted in epoch 1 (after 6 of 8 steps), then started again.
+    preempted = f"{root}/preempted"
+    gin.clear_config()
+    experiment.parse_config([SMOKE], TINY + [every_step, "run.export = False"])
+    with gin.unlock_config():
+        gin.bind_parameter("run.callbacks", [Preempt(after=6)])
+    with pytest.raises(Preempted):
+        experiment.train_and_evaluate(preempted, None, str(tmp_path / "d"))
+    checkpoints = f"{preempted}/checkpoints"
+    pointer = json.loads(storage.read_text(f"{checkpoints}/checkpoint.json"))
+    assert (pointer["step"], pointer["epoch"], pointer["batch"]) == (6, 1, 2)
+    assert not storage.exists(f"{preempted}/result.json")
+    got = tiny_run(tmp_path, monkeypatch, preempted, every_step)
+    # The same steps, ledger and guarantee as the uninterrupted run.
+    for key in ("steps", "epsilon", "noise_multiplier", "sampling"):
+        assert got[key] == want[key], key
+    assert got["privacy_statement"] == want["privacy_statement"]
+    assert got["steps"] == 8
+    for model_dir, result in ((f"{root}/whole", want), (preempted, got)):
+        names = storage.listdir(model_dir)
+        assert {"checkpoints", "logs", "config.gin", "result.json"} <= set(
+            names
+        ), names
+        saved = json.loads(storage.read_text(f"{model_dir}/result.json"))
+        assert saved == result
+        operative = storage.read_text(f"{model_dir}/operative_config.gin")
+        assert "train_and_evaluate.batch_size = 8" in operative
+        assert checkpoint.latest(f"{model_dir}/checkpoints").endswith(
+            "ckpt-0000000008.npz"
+        )
+        record = json.loads(
+            storage.read_text(f"{model_dir}/saved_model/assets/privacy.json")
+        )
+        assert record["epsilon"] == result["epsilon"]
+    # Nothing under the working directory: no local folder named "ram:".
+    assert sorted(os.listdir(tmp_path)) == ["d", "factories"]
+
+
+def test_an_unwritable_model_dir_fails_before_training(tmp_path, clean_gin):
+    experiment.parse_config([SMOKE], TINY)
+    with pytest.raises(OSError, match="model_dir '/proc/forbidden/run'"):
+        # The data directory does not exist: the model_dir is checked first.
+        experiment.train_and_evaluate(
+            "/proc/forbidden/run", None, str(tmp_path / "none")
+        )
+
+
+def test_a_worker_that_is_not_chief_writes_nothing(
+    tmp_path, monkeypatch, clean_gin
+):
+    make_image_folder(tmp_path / "d" / "images")
+    (tmp_path / "factories").mkdir()
+    (tmp_path / "factories" / "tiny_factories.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path / "factories"))
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps(
+            {
+                "cluster": {"worker": ["localhost:1", "localhost:2"]},
+                "task": {"type": "worker", "index": 1},
+            }
+        ),
+    )
+    model_dir = tmp_path / "run"
+    result = tiny_run(
+        tmp_path,
+        monkeypatch,
+        str(model_dir),
+        "train_and_evaluate.epochs = 1",
+        "run.checkpoint_every_n_steps = 1",
+    )
+    assert result["steps"] == 4
+    assert not model_dir.exists()  # no checkpoint, log, config or export

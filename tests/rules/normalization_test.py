@@ -38,6 +38,31 @@ def test_layer_norm(shape):
     harness.check_rule(init_randomly(keras.layers.LayerNormalization(), x), x)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, dict(scale=False), dict(center=False)],
+    ids=["default", "scale_false", "center_false"],
+)
+def test_layer_norm_with_rms_scaling(kwargs):
+    # Keras keeps gamma (and has no beta) whatever scale and center say.
+    x = inputs((8, 3, 5)) + 2.0  # a mean that RMS scaling does not remove
+    layer = keras.layers.LayerNormalization(rms_scaling=True, **kwargs)
+    harness.check_rule(init_randomly(layer, x), x, views=2)
+    assert [v.name for v in layer.trainable_variables] == ["gamma"]
+
+
+def test_layer_norm_with_rms_scaling_in_bfloat16(mixed_bfloat16):
+    x = tf.constant(inputs((6, 4, 5)), tf.bfloat16)
+    layer = init_randomly(keras.layers.LayerNormalization(rms_scaling=True), x)
+    recorded = rules.rule_for(layer).forward(layer, x)
+    assert recorded.outputs.dtype == tf.bfloat16
+    np.testing.assert_allclose(
+        tf.cast(recorded.outputs, tf.float32),
+        tf.cast(layer(x), tf.float32),
+        rtol=1e-2,
+    )
+
+
 def test_skip_init_gain():
     x = inputs((8, 3, 3, 2))
     harness.check_rule(kd.layers.SkipInitGain(0.5), x, views=2)
@@ -48,9 +73,9 @@ def test_skip_init_gain():
     [
         keras.layers.GroupNormalization(2, axis=1),
         keras.layers.LayerNormalization(axis=1),
-        keras.layers.LayerNormalization(rms_scaling=True),
+        keras.layers.LayerNormalization(axis=1, rms_scaling=True),
     ],
-    ids=["group_norm_axis_1", "layer_norm_axis_1", "rms_scaling"],
+    ids=["group_norm_axis_1", "layer_norm_axis_1", "rms_scaling_axis_1"],
 )
 def test_other_configurations_are_not_covered(layer):
     x = tf.constant(inputs((4, 4, 4)))

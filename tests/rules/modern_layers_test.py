@@ -1,0 +1,119 @@
+"""A model of the layers of modern backbones on the fast engine: every
+layer through its rule (no fallback), and the clipped sum equal to the
+vectorized engine's and to a loop's."""
+
+import logging
+
+import keras
+import numpy as np
+
+import keras_dpscale as kd
+from tests.conftest import inputs_for
+from tests.conftest import reference_clipped_sum
+from tests.rules.harness import clipped_sum
+
+
+def backbone():
+    """DepthwiseConv2D, SeparableConv2D, Conv1D, LayerNormalization with
+    RMS scaling, MultiHeadAttention and EinsumDense, tiny."""
+    i = keras.Input((6, 6, 3))
+    h = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(i)
+    h = keras.layers.SeparableConv2D(4, 3, strides=2, padding="same")(h)
+    h = keras.layers.Reshape((9, 4))(h)
+    h = keras.layers.Conv1D(4, 2, padding="same", activation="tanh")(h)
+    h = keras.layers.LayerNormalization(rms_scaling=True)(h)
+    h = keras.layers.MultiHeadAttention(2, 3)(h, h)
+    h = keras.layers.EinsumDense("abc,cd->abd", (None, 4), bias_axes="d")(h)
+    h = keras.layers.LayerNormalization()(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return kd.DPModel(i, keras.layers.Dense(3)(h))
+
+
+def assert_sums_close(actual, expected, rtol=1e-4):
+    """Sums equal up to `rtol` of the largest entry of all of them: the
+    attention's key bias has a gradient of zero (softmax does not see a
+    shift of all logits), of which each engine computes rounding only."""
+    scale = max(np.max(np.abs(e)) for e in expected)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * scale)
+
+
+def test_backbone_has_no_fallback_and_equals_per_example_clipping(caplog):
+    model = backbone()
+    x, y = inputs_for(model, 5)
+    expected, clip = reference_clipped_sum(model, x, y)  # half clipped
+    with caplog.at_level(logging.INFO, logger="keras_dpscale"):
+        fast = clipped_sum(model, x, y, clip, "fast")
+    assert "fast" in caplog.text  # the log is captured...
+    assert "vectorized path" not in caplog.text  # ...and nothing fell back
+    vectorized = clipped_sum(model, x, y, clip, "vectorized")
+    assert_sums_close(fast, vectorized)
+    assert_sums_close(fast, expected)
+
+
+def test_backbone_in_mixed_bfloat16():
+    # Both engines in bfloat16 against the float32 sum of the same weights:
+    # the fast engine is as accurate as the vectorized one.
+    model = backbone()
+    weights = [v.numpy() for v in model.weights]
+    x, y = inputs_for(model, 4)
+    exact = clipped_sum(model, x, y, 0.1, "vectorized")
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = backbone()
+        for v, w in zip(model.weights, weights):
+            v.assign(w)
+        errors = {}
+        for engine in ("fast", "vectorized"):
+            sums = clipped_sum(model, x, y, 0.1, engine)
+            assert all(g.dtype == np.float32 for g in sums)
+            errors[engine] = np.sqrt(
+                sum(np.sum((a - b) ** 2) for a, b in zip(sums, exact))
+                / sum(np.sum(b**2) for b in exact)
+            )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert errors["fast"] < 1.5 * errors["vectorized"] + 0.01, errors
+
+
+def test_non_finite_example_contributes_nothing():
+    model = backbone()
+    x, y = inputs_for(model, 4)
+    bad = x.copy()
+    bad[2, 0, 0, 0] = np.inf
+    with_bad = clipped_sum(model, bad, y, 0.1, "fast")
+    without = clipped_sum(model, x[[0, 1, 3]], y[[0, 1, 3]], 0.1, "fast")
+    assert all(np.all(np.isfinite(g)) for g in with_bad)
+    assert_sums_close(with_bad, without)
+
+
+def lora_model():
+    """Dense, EinsumDense and Embedding with LoRA: only the factors train."""
+    tokens = keras.Input((4,), dtype="int32")
+    embedding = keras.layers.Embedding(11, 6)
+    h = embedding(tokens)
+    einsum = keras.layers.EinsumDense("abc,cd->abd", (None, 5), bias_axes="d")
+    h = einsum(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    dense = keras.layers.Dense(3)
+    model = kd.DPModel(tokens, dense(h))
+    for layer in (embedding, einsum, dense):
+        layer.enable_lora(2)
+        # LoRA's B starts at zero, which would leave A's gradient zero.
+        b = getattr(layer, "lora_kernel_b", None)
+        b = layer.lora_embeddings_b if b is None else b
+        b.assign(np.random.default_rng(1).normal(size=b.shape))
+    return model
+
+
+def test_lora_layers_have_no_fallback_and_equal_per_example_clipping(caplog):
+    model = lora_model()
+    assert len(model.trainable_variables) == 8  # 3 x (A, B) + 2 biases
+    x, y = inputs_for(model, 5)
+    expected, clip = reference_clipped_sum(model, x, y)  # half clipped
+    with caplog.at_level(logging.INFO, logger="keras_dpscale"):
+        fast = clipped_sum(model, x, y, clip, "fast")
+    assert "fast" in caplog.text
+    assert "vectorized path" not in caplog.text
+    assert_sums_close(fast, clipped_sum(model, x, y, clip, "vectorized"))
+    assert_sums_close(fast, expected)
