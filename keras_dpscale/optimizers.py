@@ -39,6 +39,11 @@ NOT_PRIVATE = (
 _REFUSED = (
     ("gradient_accumulation_steps", "accumulation_steps"),
     ("loss_scale_factor", "a float32 or bfloat16 model"),
+    # Keras clips each replica's share before the all-reduce: only replica
+    # 0's share holds the noise, so clipping would act on un-noised sums.
+    ("clipnorm", "l2_norm_clip (per example)"),
+    ("global_clipnorm", "l2_norm_clip (per example)"),
+    ("clipvalue", "l2_norm_clip (per example)"),
 )
 # Settings of the trainer, not of the optimizer.
 _TRAINER_SETTINGS = ("clipping", "microbatch_size")

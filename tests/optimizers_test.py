@@ -285,3 +285,10 @@ def test_every_new_sigma_reaches_the_variable_the_step_reads():
     assert float(opt._noise_multiplier_var.numpy()) == 2.0
     opt.noise_multiplier = 3.5
     assert float(opt._noise_multiplier_var.numpy()) == 3.5
+
+
+@pytest.mark.parametrize("arg", ["clipnorm", "global_clipnorm", "clipvalue"])
+def test_keras_gradient_clipping_after_noise_is_refused(arg):
+    # Under replicas Keras would clip un-noised per-replica sums.
+    with pytest.raises(ValueError, match=arg):
+        kd.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0, **{arg: 1.0})

@@ -140,12 +140,14 @@ def test_dry_run_of_each_paper_config(tmp_path):
     assert summaries["imagenet_nfnet_f3.gin"]["model"] == "nfnet_f3"
 
 
-def test_train_tpu_without_a_tpu_says_so_in_one_line(tmp_path):
+def failed_in_one_line(tool, model_dir):
+    """Runs `tools/<tool> --model_dir=...`, which must fail; returns the one
+    line it printed (on stderr)."""
     out = subprocess.run(
         [
             sys.executable,
-            os.path.join(ROOT, "tools", "train_tpu.py"),
-            f"--model_dir={tmp_path / 'run'}",
+            os.path.join(ROOT, "tools", tool),
+            f"--model_dir={model_dir}",
         ],
         capture_output=True,
         text=True,
@@ -154,10 +156,15 @@ def test_train_tpu_without_a_tpu_says_so_in_one_line(tmp_path):
         timeout=300,
     )
     assert out.returncode != 0
+    assert "Traceback" not in out.stderr
     lines = [l for l in out.stderr.splitlines() if l.strip()]
     assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("train_tpu.py: no TPU found"), lines[0]
-    assert "Traceback" not in out.stderr
+    return lines[0]
+
+
+def test_train_tpu_without_a_tpu_says_so_in_one_line(tmp_path):
+    line = failed_in_one_line("train_tpu.py", tmp_path / "run")
+    assert line.startswith("train_tpu.py: no TPU found"), line
     # model_dir was checked (created, probed) first; nothing was written.
     assert not list((tmp_path / "run").iterdir())
 
@@ -165,20 +172,6 @@ def test_train_tpu_without_a_tpu_says_so_in_one_line(tmp_path):
 def test_train_with_an_unwritable_model_dir_says_so_in_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools", "train.py"),
-            f"--model_dir={blocker / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        check=False,
-        timeout=300,
-    )
-    assert out.returncode != 0
-    lines = [l for l in out.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("train.py: model_dir"), lines[0]
-    assert "not writable" in lines[0]
+    line = failed_in_one_line("train.py", blocker / "run")
+    assert line.startswith("train.py: model_dir"), line
+    assert "not writable" in line

@@ -59,6 +59,22 @@ class LoraSaved(NamedTuple):
     clipped: tuple
 
 
+def kernel_recorded(layer, o, x):
+    """The `Recorded` of a LoRA `Dense`/`EinsumDense` call: outputs from the
+    pre-activation `o` (bias added), G taken at `o`, and the trainable ones
+    of the factors and the bias, saved with `x`."""
+    outputs = o if layer.activation is None else layer.activation(o)
+    named = (
+        ("a", layer.lora_kernel_a),
+        ("b", layer.lora_kernel_b),
+        ("bias", layer.bias),
+    )
+    clipped = tuple((n, v) for n, v in named if v is not None and v.trainable)
+    return rules.Recorded(
+        outputs, [v for _, v in clipped], o, LoraSaved(x, clipped)
+    )
+
+
 @rules.register_rule(keras.layers.Dense)
 class LoraDenseRule(dense.DenseRule):
     """`o = x @ (W + s A @ B) + bias`, then the activation; `DenseRule`
@@ -72,18 +88,7 @@ class LoraDenseRule(dense.DenseRule):
         o = ops.matmul(inputs, layer.kernel)  # the kernel with LoRA
         if layer.bias is not None:
             o = ops.add(o, layer.bias)
-        outputs = o if layer.activation is None else layer.activation(o)
-        named = (
-            ("a", layer.lora_kernel_a),
-            ("b", layer.lora_kernel_b),
-            ("bias", layer.bias),
-        )
-        clipped = tuple(
-            (n, v) for n, v in named if v is not None and v.trainable
-        )
-        return rules.Recorded(
-            outputs, [v for _, v in clipped], o, LoraSaved(inputs, clipped)
-        )
+        return kernel_recorded(layer, o, inputs)
 
     def sq_norms(self, layer, recorded, grads, batch):
         if not isinstance(recorded.saved, LoraSaved):
@@ -237,21 +242,7 @@ class LoraEinsumDenseRule(einsum_dense.EinsumDenseRule):
         o = ops.einsum(layer.equation, inputs, layer.kernel)  # with LoRA
         if layer.bias is not None:
             o = ops.add(o, layer.bias)
-        outputs = o if layer.activation is None else layer.activation(o)
-        named = (
-            ("a", layer.lora_kernel_a),
-            ("b", layer.lora_kernel_b),
-            ("bias", layer.bias),
-        )
-        clipped = tuple(
-            (n, v) for n, v in named if v is not None and v.trainable
-        )
-        return rules.Recorded(
-            outputs,
-            [v for _, v in clipped],
-            o,
-            LoraSaved(einsum_dense.Saved(inputs, indices), clipped),
-        )
+        return kernel_recorded(layer, o, einsum_dense.Saved(inputs, indices))
 
     def sq_norms(self, layer, recorded, grads, batch):
         if not isinstance(recorded.saved, LoraSaved):

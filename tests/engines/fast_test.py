@@ -16,6 +16,7 @@ from tests.conftest import reference_clipped_sum
 from tests.conftest import tiny
 from tests.conftest import tiny_models
 from tests.rules.harness import assert_sums_close
+from tests.rules.harness import bfloat16_errors
 from tests.rules.harness import clipped_sum
 from tests.engines.vectorized_test import frozen_batch_norm_model
 
@@ -128,25 +129,7 @@ def test_non_finite_example_contributes_nothing():
 def test_mixed_bfloat16():
     # Both engines in bfloat16 against the float32 sum of the same weights:
     # the fast engine is as accurate as the vectorized one.
-    model = tiny("wide_resnet")
-    weights = [v.numpy() for v in model.weights]
-    x, y = inputs_for(model, 4)
-    exact = clipped_sum(model, x, y, 0.1, "vectorized")
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        model = tiny("wide_resnet")
-        for v, w in zip(model.weights, weights):
-            v.assign(w)
-        errors = {}
-        for engine in ("fast", "vectorized"):
-            sums = clipped_sum(model, x, y, 0.1, engine)
-            assert all(g.dtype == np.float32 for g in sums)
-            errors[engine] = np.sqrt(
-                sum(np.sum((a - b) ** 2) for a, b in zip(sums, exact))
-                / sum(np.sum(b**2) for b in exact)
-            )
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    errors = bfloat16_errors(lambda: tiny("wide_resnet"))
     assert errors["fast"] < 1.5 * errors["vectorized"] + 0.01, errors
 
 

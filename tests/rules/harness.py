@@ -23,6 +23,7 @@ that a model's layers all get their rules, for example), and
 `assert_sums_close` compares sums.
 """
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -31,6 +32,7 @@ from keras_dpscale import rules
 from keras_dpscale.rules import fallback
 from keras_dpscale.rules import ghost_norms
 from tests.conftest import LOSS
+from tests.conftest import inputs_for
 
 
 def check_rule(layer, x, views=1, rule=None, mask=None, rtol=1e-4, seed=0):
@@ -176,3 +178,29 @@ def _loop_gradients(layer, x, views, weights):
 
 def _index(variables, variable):
     return [id(v) for v in variables].index(id(variable))
+
+
+def bfloat16_errors(build, clip=0.1):
+    """The relative error of each engine's clipped sum in mixed bfloat16,
+    against the float32 (vectorized) sum of the same weights and batch:
+    `{"fast": e, "vectorized": e}`. `build()` makes the model."""
+    model = build()
+    weights = [v.numpy() for v in model.weights]
+    x, y = inputs_for(model, 4)
+    exact = clipped_sum(model, x, y, clip, "vectorized")
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build()
+        for v, w in zip(model.weights, weights):
+            v.assign(w)
+        errors = {}
+        for engine in ("fast", "vectorized"):
+            sums = clipped_sum(model, x, y, clip, engine)
+            assert all(g.dtype == np.float32 for g in sums)
+            errors[engine] = np.sqrt(
+                sum(np.sum((a - b) ** 2) for a, b in zip(sums, exact))
+                / sum(np.sum(b**2) for b in exact)
+            )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return errors

@@ -10,6 +10,7 @@ import numpy as np
 import keras_dpscale as kd
 from tests.conftest import inputs_for
 from tests.conftest import reference_clipped_sum
+from tests.rules.harness import bfloat16_errors
 from tests.rules.harness import clipped_sum
 
 
@@ -54,25 +55,7 @@ def test_backbone_has_no_fallback_and_equals_per_example_clipping(caplog):
 def test_backbone_in_mixed_bfloat16():
     # Both engines in bfloat16 against the float32 sum of the same weights:
     # the fast engine is as accurate as the vectorized one.
-    model = backbone()
-    weights = [v.numpy() for v in model.weights]
-    x, y = inputs_for(model, 4)
-    exact = clipped_sum(model, x, y, 0.1, "vectorized")
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        model = backbone()
-        for v, w in zip(model.weights, weights):
-            v.assign(w)
-        errors = {}
-        for engine in ("fast", "vectorized"):
-            sums = clipped_sum(model, x, y, 0.1, engine)
-            assert all(g.dtype == np.float32 for g in sums)
-            errors[engine] = np.sqrt(
-                sum(np.sum((a - b) ** 2) for a, b in zip(sums, exact))
-                / sum(np.sum(b**2) for b in exact)
-            )
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    errors = bfloat16_errors(backbone)
     assert errors["fast"] < 1.5 * errors["vectorized"] + 0.01, errors
 
 
