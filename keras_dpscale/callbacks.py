@@ -122,7 +122,7 @@ class PrivacyBudget(keras.callbacks.Callback):
 def _steps(optimizer):
     """The optimizer's logical step count (a Python int, also of a
     replicated variable)."""
-    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+    return int(optimizer.iterations.numpy())
 
 
 def reports_privacy(optimizer):

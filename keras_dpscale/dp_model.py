@@ -244,6 +244,7 @@ class DPTrainer(reporting.PrivacyReporting):
             # A dataset samples its own batches (Keras would only warn that
             # `shuffle` is ignored).
             shuffle = False
+        _check_whole_logical_batches(x, steps_per_epoch, optimizer)
         if optimizer.dp_config.calibrating:
             validators.check_sampling(optimizer.sampling, drawn)
         if optimizer.discard_partial_batch():
@@ -357,7 +358,9 @@ def _run_if(condition, fn, *args):
         return
     replica = tf.distribute.get_replica_context()
     strategy = tf.distribute.get_strategy()
-    if replica is None or not _is_mirrored(strategy):
+    # Mirrored strategies synchronize through merge_call even with one
+    # replica (a MirroredStrategy on one CPU or GPU).
+    if replica is None or not isinstance(strategy, _MIRRORED):
         tf.cond(condition, lambda: fn(*args), lambda: None)
         return
 
@@ -377,6 +380,27 @@ def _trace_for(model, rows):
     if getattr(model, "_dp_traced_rows", rows) != rows:
         model.train_function = None
     model._dp_traced_rows = rows
+
+
+def _check_whole_logical_batches(x, steps_per_epoch, optimizer):
+    """Raises unless each epoch is whole logical batches: a logical batch
+    that ran over an epoch's end would join the last physical batches of
+    one pass over the data (or one sample) to the first of the next, and
+    an example could be in its noised sum twice."""
+    k = optimizer.accumulation_steps
+    if k == 1:
+        return
+    steps = steps_per_epoch
+    if steps is None and isinstance(x, tf.data.Dataset):
+        cardinality = int(x.cardinality())
+        steps = cardinality if cardinality >= 0 else None
+    if steps is None or steps % k:
+        raise ValueError(
+            f"With accumulation_steps={k}, each epoch must be whole logical "
+            f"batches: pass steps_per_epoch (a multiple of {k}) or a "
+            f"dataset whose number of batches is a multiple of {k} (got "
+            f"{'an unknown number' if steps is None else steps})."
+        )
 
 
 def _by_name(args, kwargs):
@@ -518,15 +542,15 @@ def _is_arrays(x, y):
         return False
 
 
+_MIRRORED = (
+    tf.distribute.MirroredStrategy,
+    tf.distribute.MultiWorkerMirroredStrategy,
+)
+
+
 def _is_mirrored(strategy):
     """True for the strategies that replicate over several local devices."""
-    return strategy.num_replicas_in_sync > 1 and isinstance(
-        strategy,
-        (
-            tf.distribute.MirroredStrategy,
-            tf.distribute.MultiWorkerMirroredStrategy,
-        ),
-    )
+    return strategy.num_replicas_in_sync > 1 and isinstance(strategy, _MIRRORED)
 
 
 @keras.saving.register_keras_serializable(package="keras_dpscale")

@@ -256,6 +256,16 @@ class DPOptimizerMixin:
 
     # -- Between steps. -----------------------------------------------------
 
+    def save_own_variables(self, store):
+        # The accumulators hold clipped sums that no noise has covered yet
+        # (a fit that ended inside a logical batch): saved as zeros, like
+        # the dropped batch that `discard_partial_batch` makes of them.
+        super().save_own_variables(store)
+        accumulators = {id(s) for s in self._grad_sums}
+        for i, variable in enumerate(self.variables):
+            if id(variable) in accumulators:
+                store[str(i)] = tf.zeros_like(variable).numpy()
+
     def at_step_boundary(self):
         """True if no logical batch is half accumulated."""
         if not self.built or self.accumulation_steps == 1:

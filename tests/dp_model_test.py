@@ -738,3 +738,56 @@ def test_metrics_given_by_position_are_weighted_by_the_mask():
     model.compile(opt, LOSS, None, ["accuracy"])
     assert model.get_compile_config()["weighted_metrics"] == ["accuracy"]
     assert model.get_compile_config()["metrics"] is None
+
+
+def test_a_logical_batch_cannot_run_over_an_epoch_end():
+    # 3 physical batches per epoch with k = 2: the second logical batch
+    # would join this pass's last batch to the next pass's first.
+    model = kd.DPSequential([keras.Input((6,)), keras.layers.Dense(3)])
+    model.compile(
+        optimizer=kd.DPSGD(
+            l2_norm_clip=1.0, noise_multiplier=1.0, accumulation_steps=2
+        ),
+        loss=LOSS,
+    )
+    x, y = np.ones((12, 6), "float32"), np.zeros(12, "int32")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="whole"):
+        model.fit(ds, epochs=2, verbose=0)
+    assert int(model.optimizer.iterations) == 0
+
+
+def test_accumulation_under_a_one_replica_mirrored_strategy():
+    # MirroredStrategy synchronizes through merge_call even with one
+    # replica: the update must not sit inside a conditional there.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = rng.integers(0, 3, 16)
+
+    def update(strategy):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = kd.DPSequential([keras.Input((6,)), keras.layers.Dense(3)])
+            model.compile(
+                optimizer=kd.DPSGD(
+                    learning_rate=1.0,
+                    l2_norm_clip=0.05,
+                    noise_multiplier=0.0,
+                    accumulation_steps=2,
+                    batch_size=16,
+                ),
+                loss=LOSS,
+            )
+        before = [v.numpy() for v in model.trainable_variables]
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        model.fit(kd.sampling.declare(ds, "shuffle"), verbose=0)
+        assert int(model.optimizer.iterations.numpy()) == 1
+        return [
+            v.numpy() - b for v, b in zip(model.trainable_variables, before)
+        ]
+
+    one = update(tf.distribute.get_strategy())
+    mirrored = update(tf.distribute.MirroredStrategy())
+    assert max(np.abs(a).max() for a in one) > 1e-3
+    for a, b in zip(one, mirrored):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)

@@ -292,3 +292,27 @@ def test_keras_gradient_clipping_after_noise_is_refused(arg):
     # Under replicas Keras would clip un-noised per-replica sums.
     with pytest.raises(ValueError, match=arg):
         kd.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0, **{arg: 1.0})
+
+
+def test_accumulated_clipped_sums_are_never_saved():
+    # A fit that ends inside a logical batch leaves clipped, un-noised sums
+    # in the accumulators: model.save and Keras' checkpoints must not
+    # write them out.
+    model = kd.DPSequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(
+        optimizer=kd.DPSGD(
+            l2_norm_clip=1.0, noise_multiplier=1.0, accumulation_steps=2
+        ),
+        loss="mse",
+    )
+    model.train_on_batch(np.ones((4, 3), "float32"), np.ones((4, 2)))
+    optimizer = model.optimizer
+    store = {}
+    optimizer.save_own_variables(store)
+    accumulators = [
+        i for i, v in enumerate(optimizer.variables) if "dp_grad_sum" in v.name
+    ]
+    assert len(accumulators) == 2
+    for i in accumulators:
+        assert np.any(optimizer.variables[i].numpy() != 0)
+        np.testing.assert_array_equal(store[str(i)], 0.0)

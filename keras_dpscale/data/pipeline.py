@@ -33,6 +33,7 @@ def shuffled_dataset(
     std=0.5,
     shuffle_buffer=50_000,
     preprocess=None,
+    accumulation_steps=1,
 ):
     """Shuffled, batched, augmented training data (repeats forever).
 
@@ -49,9 +50,13 @@ def shuffled_dataset(
         preprocess: `preprocess(uint8 image) -> float32 image` for each
             example before batching (images of different sizes, e.g.
             `imagenet.preprocess`); replaces the normalization.
+        accumulation_steps: k physical batches per logical batch: a
+            logical batch is drawn from one pass over the data.
 
     Returns:
-        A `tf.data.Dataset` of `(images, labels)` with static shapes.
+        A `tf.data.Dataset` of `(images, labels)` with static shapes. Each
+        logical batch holds distinct examples of one pass (the sensitivity
+        that "shuffle" sampling is accounted for with).
     """
     if input_context is not None:
         examples = examples.shard(
@@ -61,8 +66,13 @@ def shuffled_dataset(
     ds = examples.shuffle(
         shuffle_buffer, seed=seed, reshuffle_each_iteration=True
     )
-    ds = _preprocessed(ds.repeat(), preprocess)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    # Batched within each pass, then repeated: a batch that spanned two
+    # passes could hold an example twice.
+    ds = _preprocessed(ds, preprocess)
+    ds = ds.batch(batch_size * accumulation_steps, drop_remainder=True)
+    ds = ds.repeat()
+    if accumulation_steps > 1:
+        ds = ds.unbatch().batch(batch_size, drop_remainder=True)
     ds = ds.enumerate()
 
     def prepare(step, batch):

@@ -83,6 +83,7 @@ def train_dataset(
             num_views=num_views,
             seed=seed,
             augment=augment,
+            accumulation_steps=accumulation_steps,
             **kwargs,
         )
     raise ValueError(

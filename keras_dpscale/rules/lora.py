@@ -30,8 +30,8 @@ LoRA return None from `forward` (the fallback takes them).
 
 Layers without LoRA go to `DenseRule`, `EinsumDenseRule` and
 `EmbeddingRule`, which these rules extend and replace in the registry.
-The fast engine records only layers without LoRA (`engines.recording`)
-for now: until it asks these rules, a layer with LoRA takes the fallback.
+Convolutions with LoRA have no rule: their variables differ from what the
+convolution rules record, so they take the (exact) fallback.
 """
 
 import string

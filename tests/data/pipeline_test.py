@@ -1,6 +1,7 @@
 """The shuffled-batch pipeline: shapes, determinism, sharding."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_dpscale import data
@@ -24,3 +25,18 @@ def test_shuffled_dataset_shapes_determinism_and_sharding():
     shard = data.shuffled_dataset(examples, 8, seed=7, input_context=ctx)
     xs, ys = next(iter(shard))
     assert xs.shape[0] == 4 and all(int(v) % 2 == 1 for v in ys)
+
+
+@pytest.mark.parametrize("batch_size,k", [(4, 1), (2, 2)])
+def test_a_logical_batch_never_holds_an_example_twice(batch_size, k):
+    # N = 10 is no multiple of the logical batch (4): batches that ran over
+    # the end of a pass would repeat examples.
+    images = np.zeros((10, 4, 4, 1), np.uint8)
+    examples = tf.data.Dataset.from_tensor_slices((images, np.arange(10)))
+    ds = data.shuffled_dataset(
+        examples, batch_size, seed=3, accumulation_steps=k
+    )
+    labels = [y.numpy() for _, y in ds.take(60)]
+    for i in range(0, 60, k):
+        logical = np.concatenate(labels[i : i + k])
+        assert len(set(logical)) == len(logical) == 4, logical
