@@ -76,6 +76,7 @@ class DPOptimizerMixin:
                 )
         dp = {f.name: kwargs.pop(f.name) for f in _FIELDS if f.name in kwargs}
         super().__init__(*args, **kwargs)
+        self._grad_sums = []  # built with the other variables
         self.dp_config = config_lib.DPConfig(l2_norm_clip=l2_norm_clip, **dp)
         seed = self.dp_config.noise_seed
         self._seed = noise.fresh_seed() if seed is None else seed

@@ -172,9 +172,12 @@ def test_exhausted_iterator_takes_no_step_without_xla():
     )
     x, y = arrays()
     data = tf.data.Dataset.from_tensor_slices((x[:32], y[:32])).batch(4)
-    # An unknown length: Keras calls the step until the iterator is empty.
+    # An unknown length, and more steps asked for than it holds: Keras
+    # calls the step until the iterator is empty.
     data = data.filter(lambda x, y: True)
-    model.fit(kd.sampling.declare(data, "shuffle"), verbose=0)  # 8 batches
+    model.fit(
+        kd.sampling.declare(data, "shuffle"), steps_per_epoch=10, verbose=0
+    )  # 8 batches
     assert int(model.optimizer._micro_step.numpy()) == 8
     assert int(model.optimizer.iterations.numpy()) == 4
     assert sum(s.steps for s in model.privacy_ledger()) == 4
@@ -187,10 +190,12 @@ def test_a_half_accumulated_batch_is_dropped_at_the_next_fit():
     )
     x, y = arrays()
     data = tf.data.Dataset.from_tensor_slices((x[:12], y[:12])).batch(4)
-    model.fit(kd.sampling.declare(data, "shuffle"), verbose=0)  # 3 batches
+    data = kd.sampling.declare(data, "shuffle")
+    # 4 steps asked for, 3 batches held: the data runs out mid-batch.
+    model.fit(data, steps_per_epoch=4, verbose=0)
     assert int(model.optimizer._micro_step.numpy()) == 3
     with pytest.warns(UserWarning, match="half accumulated"):
-        model.fit(kd.sampling.declare(data, "shuffle"), verbose=0)
+        model.fit(data, steps_per_epoch=4, verbose=0)
     # The orphan third batch never joined the next fit's first batch.
     assert int(model.optimizer._micro_step.numpy()) == 2 + 3
     assert int(model.optimizer.iterations.numpy()) == 2

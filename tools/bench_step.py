@@ -2,9 +2,22 @@
 
     python tools/bench_step.py                 # WRN-16-4, 32x32, b 64, 256
     python tools/bench_step.py --depth 10 --width 1 --batch_sizes 32,64
+    python tools/bench_step.py --model vit --batch_sizes 64   # ViT-6-192
+    python tools/bench_step.py --model vit --lora_rank 8      # LoRA only
+    python tools/bench_step.py --model convnext               # ConvNeXt
+    python tools/bench_step.py --model mixed                  # modern layers
     python tools/bench_step.py --engines vectorized --conv_grad while_loop
     python tools/bench_step.py --batch_sizes 256,1024 \
         --dtypes float32,bfloat16 --nomemory          # an accelerator
+
+`--model` picks the network (32x32 by default, 10 classes): "wrn" (WRN-
+`depth`-`width` with GroupNorm), "vit" (`models.vit`: 6 pre-LN blocks of
+width 192, 3 heads, patches of 4; with `--lora_rank`, LoRA fine-tuning of
+the attention and MLP layers), "convnext" (`models.convnext`: widths 48,
+96, 192, two blocks each) or "mixed" (`mixed_model`: DepthwiseConv2D,
+SeparableConv2D, Conv1D, MultiHeadAttention, EinsumDense, LayerNorm and a
+Dense with LoRA in one small net). Every layer of each has a rule of the
+fast engine (no per-example gradients by the vectorized path).
 
 For each batch size it prints the median step time of the non-private step
 (Keras' own train_step with SGD) and of the DP step (per-example clipping,
@@ -28,6 +41,7 @@ All steps are XLA-compiled; the first steps (compilation) are not timed.
 
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -37,8 +51,17 @@ import time
 from absl import app
 from absl import flags
 
-flags.DEFINE_integer("depth", 16, "WRN depth (6n+4).")
-flags.DEFINE_integer("width", 4, "WRN widening factor.")
+flags.DEFINE_enum(
+    "model", "wrn", ["wrn", "vit", "convnext", "mixed"], "The network."
+)
+flags.DEFINE_integer("depth", 16, "WRN depth (6n+4); --model wrn only.")
+flags.DEFINE_integer("width", 4, "WRN widening factor; --model wrn only.")
+flags.DEFINE_integer(
+    "lora_rank",
+    None,
+    "--model vit only: LoRA of this rank on the attention and MLP layers; "
+    "only the LoRA factors and the head train.",
+)
 flags.DEFINE_integer("image_size", 32, "Image height and width.")
 flags.DEFINE_list("batch_sizes", ["64", "256"], "Physical batch sizes.")
 flags.DEFINE_list(
@@ -73,6 +96,70 @@ flags.DEFINE_string("_child", None, "Internal: run one measurement.")
 FLAGS = flags.FLAGS
 
 
+def model_name():
+    """The network's name in the table, and its description."""
+    if FLAGS.model == "vit":
+        lora = f", LoRA rank {FLAGS.lora_rank}" if FLAGS.lora_rank else ""
+        return "ViT-6-192", f"pre-LN, 3 heads, patch 4{lora}"
+    if FLAGS.model == "convnext":
+        return "ConvNeXt", "widths 48/96/192, depths 2/2/2, LayerNorm"
+    if FLAGS.model == "mixed":
+        return "mixed", "depthwise, separable, Conv1D, attention, LoRA"
+    return f"WRN-{FLAGS.depth}-{FLAGS.width}", "GroupNorm, pre-activation"
+
+
+def make_model(private):
+    """The network of `--model` for `--image_size` images, 10 classes."""
+    from keras_dpscale import models
+
+    input_shape = (FLAGS.image_size, FLAGS.image_size, 3)
+    if FLAGS.model == "vit":
+        return models.vit(
+            input_shape=input_shape, lora_rank=FLAGS.lora_rank, private=private
+        )
+    if FLAGS.model == "convnext":
+        return models.convnext(input_shape=input_shape, private=private)
+    if FLAGS.model == "mixed":
+        return mixed_model(input_shape, private)
+    return models.wide_resnet(
+        FLAGS.depth, FLAGS.width, input_shape=input_shape, private=private
+    )
+
+
+def mixed_model(input_shape, private, num_classes=10):
+    """A small net of the layers of modern backbones, each with its fast
+    rule: Conv2D, DepthwiseConv2D, SeparableConv2D, Conv1D, RMSNormalization,
+    MultiHeadAttention, EinsumDense, LayerNormalization, and a Dense with
+    LoRA (rank 8) before the head."""
+    import keras
+
+    import keras_dpscale as kd
+
+    layers = keras.layers
+    inputs = keras.Input(input_shape)
+    h = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(
+        inputs
+    )
+    h = layers.DepthwiseConv2D(3, padding="same", activation="relu")(h)
+    h = layers.SeparableConv2D(64, 3, strides=2, padding="same")(h)
+    h = layers.Reshape((-1, 64))(h)
+    h = layers.Conv1D(64, 3, padding="same", activation="gelu")(h)
+    h = layers.RMSNormalization()(h)
+    a = layers.MultiHeadAttention(4, 16)(h, h)
+    h = layers.Add()([h, a])
+    h = layers.EinsumDense(
+        "abc,cd->abd", (None, 128), bias_axes="d", activation="gelu"
+    )(h)
+    h = layers.LayerNormalization()(h)
+    h = layers.GlobalAveragePooling1D()(h)
+    lora_dense = layers.Dense(128, activation="relu")
+    h = lora_dense(h)
+    outputs = layers.Dense(num_classes, name="head")(h)
+    model = (kd.DPModel if private else keras.Model)(inputs, outputs)
+    lora_dense.enable_lora(8)
+    return model
+
+
 def build(engine, batch_size, dtype="float32"):
     """A compiled model of `engine` and one batch of random data."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -81,7 +168,6 @@ def build(engine, batch_size, dtype="float32"):
 
     import keras_dpscale as kd
     from keras_dpscale.engines import pfor_conv
-    from keras_dpscale.models import wide_resnet
 
     if FLAGS.conv_grad == "while_loop":
         # The engines install the converter when they trace: keep TF's.
@@ -90,12 +176,7 @@ def build(engine, batch_size, dtype="float32"):
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if dtype == "bfloat16" else "float32"
     )
-    model = wide_resnet(
-        FLAGS.depth,
-        FLAGS.width,
-        input_shape=(FLAGS.image_size, FLAGS.image_size, 3),
-        private=engine != "non-private",
-    )
+    model = make_model(private=engine != "non-private")
     if engine != "non-private":
         optimizer = kd.DPSGD(
             learning_rate=0.1,
@@ -214,7 +295,9 @@ def run_child(task, batch_size, check=True):
     ] + [a for a in sys.argv[1:] if not a.startswith("--_child")]
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-    if out.returncode or not lines:
+    # A child that printed its result may still crash on exit (TensorFlow
+    # can abort while freeing after an out-of-memory error): keep the result.
+    if not lines:
         if not check:
             return {"error": _last_error(out.stderr)}
         raise RuntimeError(f"benchmark child failed:\n{out.stderr[-3000:]}")
@@ -222,11 +305,16 @@ def run_child(task, batch_size, check=True):
 
 
 def _last_error(stderr):
+    """The last line that names an error (not what a crash printed after
+    it), else the last line."""
     lines = [l for l in stderr.strip().splitlines() if l.strip()]
-    return (lines[-1] if lines else "no output")[:200]
+    errors = [l for l in lines if re.search(r"\w(Error|Exception)\b", l)]
+    return ((errors or lines or ["no output"])[-1]).strip()[:200]
 
 
 def main(_):
+    if FLAGS.lora_rank and FLAGS.model != "vit":
+        raise app.UsageError("--lora_rank is for --model vit.")
     if FLAGS._child:
         task, batch_size = FLAGS._child.split(";")
         if task.startswith("times:"):
@@ -235,9 +323,9 @@ def main(_):
             result = measure_memory(task, int(batch_size))
         print(json.dumps(result))
         return
-    name = f"WRN-{FLAGS.depth}-{FLAGS.width}"
+    name, description = model_name()
     print(
-        f"{name} (GroupNorm, pre-activation), {FLAGS.image_size}x"
+        f"{name} ({description}), {FLAGS.image_size}x"
         f"{FLAGS.image_size}x3, {os.cpu_count()} CPUs, XLA, "
         f"{FLAGS.steps} rounds of steps, microbatch_size="
         f"{FLAGS.microbatch_size}, conv filter gradients: {FLAGS.conv_grad}"

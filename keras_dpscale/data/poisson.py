@@ -109,7 +109,8 @@ def arrays_dataset(
     return sampler.attach(
         sampler.index_batches(steps)
         .map(fetch, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE),
+        steps,
     )
 
 
@@ -174,7 +175,8 @@ def poisson_dataset(
     return sampler.attach(
         sampler.index_batches(steps, seed)
         .map(fetch, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE),
+        steps,
     )
 
 
@@ -260,7 +262,8 @@ def poisson_source_dataset(
             ),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-        .prefetch(tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE),
+        steps,
     )
 
 
@@ -345,8 +348,17 @@ class _Sampler:
                 public_sampling_seed,
             )
 
-    def attach(self, dataset):
-        """Marks `dataset` with how it samples (`sampling.Sampling`)."""
+    def attach(self, dataset, steps):
+        """Marks `dataset` with how it samples (`sampling.Sampling`) and
+        with its length: `steps` logical batches of `accumulation_steps *
+        local` physical ones (None: forever), so that `fit` can check that
+        its epochs are whole logical batches."""
+        parts = self.accumulation_steps * self.local
+        dataset = dataset.apply(
+            tf.data.experimental.assert_cardinality(
+                steps * parts if steps else tf.data.INFINITE_CARDINALITY
+            )
+        )
         kind = "poisson" if self.public_sampling_seed is None else "public"
         return sampling_lib.attach(
             dataset,

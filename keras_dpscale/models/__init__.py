@@ -2,17 +2,21 @@
 
     model = keras_dpscale.models.get("wrn_16_4", num_classes=10)
     model = keras_dpscale.models.get("nfnet_f3", num_classes=1000)
+    model = keras_dpscale.models.get("vit", lora_rank=8)
 
 Names: `wrn_{depth}_{width}`, `nf_resnet_{depth}`, `nfnet_{variant}` (f0 to
-f6), `tanh_cnn`. Keyword arguments go to the builder (`wide_resnet`,
-`nf_resnet`, `nfnet`, `tanh_cnn`).
+f6), `tanh_cnn`, `vit` or `vit_{depth}_{width}`, `convnext`. Keyword
+arguments go to the builder (`wide_resnet`, `nf_resnet`, `nfnet`,
+`tanh_cnn`, `vit`, `convnext`).
 """
 
 import re
 
+from keras_dpscale.models.convnext import convnext
 from keras_dpscale.models.nf_resnet import nf_resnet
 from keras_dpscale.models.nfnet import nfnet
 from keras_dpscale.models.tanh_cnn import tanh_cnn
+from keras_dpscale.models.vit import vit
 from keras_dpscale.models.wide_resnet import wide_resnet
 
 _PATTERNS = (
@@ -24,6 +28,13 @@ _PATTERNS = (
     (r"nf_resnet_(\d+)", lambda d: dict(depth=int(d)), nf_resnet),
     (r"nfnet_(f\d)", lambda v: dict(variant=v.upper()), nfnet),
     (r"tanh_cnn", lambda: {}, tanh_cnn),
+    (r"vit", lambda: {}, vit),
+    (
+        r"vit_(\d+)_(\d+)",
+        lambda d, w: dict(depth=int(d), width=int(w)),
+        vit,
+    ),
+    (r"convnext", lambda: {}, convnext),
 )
 
 
@@ -31,7 +42,8 @@ def get(name, **kwargs):
     """Builds the model registered under `name`.
 
     Args:
-        name: e.g. "wrn_16_4", "wrn_40_4", "nf_resnet_50", "nfnet_f0".
+        name: e.g. "wrn_16_4", "wrn_40_4", "nf_resnet_50", "nfnet_f0",
+            "vit", "convnext".
         **kwargs: builder arguments (num_classes, input_shape, ...).
 
     Returns:
@@ -43,8 +55,17 @@ def get(name, **kwargs):
             return builder(**parse(*match.groups()), **kwargs)
     raise ValueError(
         f"Unknown model {name!r}: expected wrn_<depth>_<width>, "
-        "nf_resnet_<depth>, nfnet_f<0-6> or tanh_cnn."
+        "nf_resnet_<depth>, nfnet_f<0-6>, tanh_cnn, vit, "
+        "vit_<depth>_<width> or convnext."
     )
 
 
-__all__ = ["get", "nf_resnet", "nfnet", "tanh_cnn", "wide_resnet"]
+__all__ = [
+    "convnext",
+    "get",
+    "nf_resnet",
+    "nfnet",
+    "tanh_cnn",
+    "vit",
+    "wide_resnet",
+]

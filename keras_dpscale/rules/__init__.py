@@ -77,11 +77,12 @@ A subclass of a registered class inherits its rule unless it changes its
 computation (`rule_for`). Check a rule with `tests/rules/harness.py` (norms
 and clipped sums against per-example gradients). The built-in rules cover
 `Dense`, `EinsumDense` (and so `MultiHeadAttention`, whose projections are
-`EinsumDense`s), `Conv1D`, `Conv2D`, `DepthwiseConv2D`, `SeparableConv2D`,
-`Embedding`, `GroupNormalization`, `LayerNormalization` (with or without
-RMS scaling) and `RMSNormalization`, and `Dense`, `EinsumDense` and
-`Embedding` with LoRA (`rules.lora`); the layers of `keras_dpscale.layers`
-register their own.
+`EinsumDense`s), `Conv1D`, `Conv2D`, `Conv3D`, `Conv1DTranspose`,
+`Conv2DTranspose`, `DepthwiseConv1D`, `DepthwiseConv2D`, `SeparableConv1D`,
+`SeparableConv2D`, `Embedding`, `GroupNormalization`,
+`LayerNormalization` (with or without RMS scaling) and `RMSNormalization`,
+and `Dense`, `EinsumDense` and `Embedding` with LoRA (`rules.lora`); the
+layers of `keras_dpscale.layers` register their own.
 Each rule's module says which configurations fall back.
 """
 
@@ -247,8 +248,11 @@ def _changes_computation(cls):
 # The built-in rules register themselves on import.
 from keras_dpscale.rules import conv  # noqa: E402,F401
 from keras_dpscale.rules import conv1d  # noqa: E402,F401
+from keras_dpscale.rules import conv3d  # noqa: E402,F401
+from keras_dpscale.rules import conv_transpose  # noqa: E402,F401
 from keras_dpscale.rules import dense  # noqa: E402,F401
 from keras_dpscale.rules import depthwise  # noqa: E402,F401
+from keras_dpscale.rules import depthwise1d  # noqa: E402,F401
 from keras_dpscale.rules import einsum_dense  # noqa: E402,F401
 from keras_dpscale.rules import embedding  # noqa: E402,F401
 from keras_dpscale.rules import lora  # noqa: E402,F401  (after dense)

@@ -23,6 +23,53 @@ from keras_dpscale.rules import linear
 from keras_dpscale.rules import rows
 
 
+def covered(layer):
+    """Whether the convolution rules cover the layer's configuration:
+    `padding` "same" or "valid", channels last."""
+    return layer.data_format == "channels_last" and layer.padding in (
+        "same",
+        "valid",
+    )
+
+
+def spatial(layer):
+    """`(kernel_size, strides, dilations)` of a convolution layer, each a
+    tuple over its spatial axes."""
+    return (
+        tuple(layer.kernel_size),
+        tuple(layer.strides),
+        tuple(layer.dilation_rate),
+    )
+
+
+def convolve(layer, op, inputs, kernel, **kwargs):
+    """`op` (`ops.conv`, `ops.depthwise_conv`, ...) of `inputs` and
+    `kernel` with the layer's strides, padding, dilations and format."""
+    return op(
+        inputs,
+        kernel,
+        strides=layer.strides,
+        padding=layer.padding,
+        dilation_rate=layer.dilation_rate,
+        data_format=layer.data_format,
+        **kwargs,
+    )
+
+
+def plain_forward(rule, layer, inputs, op, **kwargs):
+    """A `forward` of a convolution without gain: `op` (`ops.
+    depthwise_conv`, `ops.conv_transpose`, ...) of the inputs with the
+    layer's kernel and geometry, plus its bias; `rule.recorded` of it, or
+    None if the layer is not `covered`."""
+    if not covered(layer):
+        return None
+    z = convolve(layer, op, inputs, layer.kernel, **kwargs)
+    o = z
+    if layer.use_bias:
+        o = ops.add(z, ops.cast(layer.bias, z.dtype))
+    return rule.recorded(layer, linear.Saved(inputs, z), o)
+
+
 @rules.register_rule(keras.layers.Conv2D)
 class ConvRule(linear.LinearRule):
     """`o = conv(x, U) * gain + bias`, then the activation."""
@@ -33,10 +80,7 @@ class ConvRule(linear.LinearRule):
         return None, None
 
     def forward(self, layer, inputs):
-        if layer.data_format != "channels_last" or layer.padding not in (
-            "same",
-            "valid",
-        ):
+        if not covered(layer):
             return None
         standardization, gain = self.kernel_used(layer)
         if standardization is None:
@@ -53,24 +97,21 @@ class ConvRule(linear.LinearRule):
 
     def geometry(self, layer, saved, padded=False):
         """The convolution's geometry (`ghost_norms`), on its input, or on
-        its input already padded ("VALID")."""
+        its input already padded ("VALID"); its output size is that of the
+        last two spatial axes (`Conv3DRule` convolves depth slices)."""
         kernel_size, strides, dilations = self.spatial(layer)
         return dict(
             kernel_size=kernel_size,
             strides=strides,
             padding="VALID" if padded else layer.padding.upper(),
             dilations=dilations,
-            out_size=tuple(saved.z.shape[1:3]),
+            out_size=tuple(saved.z.shape[-3:-1]),
         )
 
     def spatial(self, layer):
         """`(kernel_size, strides, dilations)` of the layer seen as a 2D
         convolution (`Conv1DRule` sees a 1D one as one of height 1)."""
-        return (
-            tuple(layer.kernel.shape[:2]),
-            tuple(layer.strides),
-            tuple(layer.dilation_rate),
-        )
+        return spatial(layer)
 
     def z32(self, layer, saved, x):
         if saved.z.dtype == tf.float32:

@@ -4,11 +4,13 @@ A 1D convolution of `[N, L, C]` with a kernel `[k, C, O]` is the 2D
 convolution of `[N, 1, L, C]` with the kernel `[1, k, C, O]` (the same
 entries): the rule records the input and output with a unit height axis
 and `ConvRule` does the rest, in each of its forms ("per_example" for
-grouped convolutions).
+grouped convolutions). The mixins `HeightOne` and `HeightOneConv` give the
+1D layers of other families the rule of their 2D form the same way
+(`DepthwiseConv1D`, `SeparableConv1D`, `Conv1DTranspose`).
 
 Covered: `padding` "same" or "valid", channels last. Causal padding and
 channels first return None from `forward` (the fallback takes them).
-`Conv3D` has no rule.
+`Conv3D` has its own rule (`rules.conv3d`).
 """
 
 import dataclasses
@@ -18,37 +20,39 @@ from keras import ops
 
 from keras_dpscale import rules
 from keras_dpscale.rules import conv
-from keras_dpscale.rules import linear
 
 
-@rules.register_rule(keras.layers.Conv1D)
-class Conv1DRule(conv.ConvRule):
-    """`o = conv1d(x, kernel) + bias`, then the activation."""
+class HeightOne:
+    """Mixin of the rule of a 1D convolution on the rule of its 2D form:
+    its geometry with a unit height, and its tensors `[N, L, C]` seen as
+    `[N, 1, L, C]` (`planar`)."""
 
     def spatial(self, layer):
-        return (
-            (1, layer.kernel.shape[0]),
-            (1, layer.strides[0]),
-            (1, layer.dilation_rate[0]),
-        )
+        """`conv.spatial` with a unit height first."""
+        return tuple((1, *t) for t in conv.spatial(layer))
 
-    def forward(self, layer, inputs):
-        if layer.data_format != "channels_last" or layer.padding not in (
-            "same",
-            "valid",
-        ):
-            return None
-        z = keras.layers.Conv1D.convolution_op(layer, inputs, layer.kernel)
-        z = ops.expand_dims(z, 1)  # [N, 1, L', O]
-        o = z
-        if layer.use_bias:
-            o = ops.add(z, ops.cast(layer.bias, z.dtype))
-        saved = linear.Saved(ops.expand_dims(inputs, 1), z)
-        recorded = self.recorded(layer, saved, o)
+    def planar(self, t):
+        """`[N, L, C]` as `[N, 1, L, C]`."""
+        return ops.expand_dims(t, 1)
+
+
+class HeightOneConv(HeightOne):
+    """`HeightOne` for the rules of `linear.LinearRule`'s family: the 2D
+    rule's forward pass records its input, `z` and `o` with a unit height
+    axis, and its per-example kernel gradients lose it."""
+
+    def recorded(self, layer, saved, o):
+        saved = saved._replace(x=self.planar(saved.x), z=self.planar(saved.z))
+        recorded = super().recorded(layer, saved, self.planar(o))
         return dataclasses.replace(
             recorded, outputs=ops.squeeze(recorded.outputs, 1)
         )
 
     def per_example_gradients(self, layer, saved, x, g_lin, batch):
         v, axis = super().per_example_gradients(layer, saved, x, g_lin, batch)
-        return v[0], axis - 1  # [k, B, C / groups, O]
+        return v[0], axis - 1  # [k, B, ...]
+
+
+@rules.register_rule(keras.layers.Conv1D)
+class Conv1DRule(HeightOneConv, conv.ConvRule):
+    """`o = conv1d(x, kernel) + bias`, then the activation."""

@@ -21,15 +21,6 @@ from keras import ops
 from keras_dpscale import rules
 from keras_dpscale.rules import conv
 from keras_dpscale.rules import ghost_norms
-from keras_dpscale.rules import linear
-
-
-def covered(layer):
-    """Whether the depthwise rules cover the layer's configuration."""
-    return layer.data_format == "channels_last" and layer.padding in (
-        "same",
-        "valid",
-    )
 
 
 def filter_gradients(x, g, kernel_shape, batch, **geometry):
@@ -63,20 +54,7 @@ class DepthwiseConvRule(conv.ConvRule):
     kernel's per-example gradients formed (`filter_gradients`)."""
 
     def forward(self, layer, inputs):
-        if not covered(layer):
-            return None
-        z = ops.depthwise_conv(
-            inputs,
-            layer.kernel,
-            strides=layer.strides,
-            padding=layer.padding,
-            dilation_rate=layer.dilation_rate,
-            data_format=layer.data_format,
-        )
-        o = z
-        if layer.use_bias:
-            o = ops.add(z, ops.cast(layer.bias, z.dtype))
-        return self.recorded(layer, linear.Saved(inputs, z), o)
+        return conv.plain_forward(self, layer, inputs, ops.depthwise_conv)
 
     def form(self, layer, saved, g_lin, batch):
         return "per_example"
@@ -84,5 +62,6 @@ class DepthwiseConvRule(conv.ConvRule):
     def per_example_gradients(self, layer, saved, x, g_lin, batch):
         geometry = self.geometry(layer, saved)
         del geometry["out_size"]
-        v = filter_gradients(x, g_lin, layer.kernel.shape, batch, **geometry)
+        kernel_shape = (*geometry["kernel_size"], *layer.kernel.shape[-2:])
+        v = filter_gradients(x, g_lin, kernel_shape, batch, **geometry)
         return v, 2

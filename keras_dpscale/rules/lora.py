@@ -98,16 +98,19 @@ class LoraDenseRule(dense.DenseRule):
         s = layer.lora_alpha / layer.lora_rank
         lora_a = tf.cast(layer.lora_kernel_a, tf.float32)
         lora_b = tf.cast(layer.lora_kernel_b, tf.float32)
-        g_rows = rows.rows(g, batch)[:, None]  # [B, 1, n, d]
+        # Rank-3 matmuls, then the group axis: a broadcasting matmul of
+        # `[B, 1, n, d]` by a matrix is wrong on some CPUs (sharp edges).
+        g_rows = rows.rows(g, batch)  # [B, n, d]
+        x_rows = rows.rows(x, batch)
         sq = tf.zeros([batch])
         states = []
         for name, _ in recorded.saved.clipped:
             if name == "a":
-                a = rows.rows(x, batch)[:, None]
-                out = s * tf.matmul(g_rows, lora_b, transpose_b=True)
+                a = x_rows[:, None]
+                out = s * tf.matmul(g_rows, lora_b, transpose_b=True)[:, None]
             elif name == "b":
-                a = s * tf.matmul(rows.rows(x, batch)[:, None], lora_a)
-                out = g_rows
+                a = s * tf.matmul(x_rows, lora_a)[:, None]
+                out = g_rows[:, None]
             else:
                 bias = rows.per_example_sum(g, batch)
                 sq += tf.reduce_sum(tf.square(bias), 1)

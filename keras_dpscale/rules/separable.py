@@ -22,6 +22,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_dpscale import rules
+from keras_dpscale.rules import conv
 from keras_dpscale.rules import depthwise
 from keras_dpscale.rules import matmul
 from keras_dpscale.rules import rows
@@ -41,15 +42,10 @@ class SeparableConvRule(rules.Rule):
     the activation."""
 
     def forward(self, layer, inputs):
-        if not depthwise.covered(layer):
+        if not conv.covered(layer):
             return None
-        h = ops.depthwise_conv(
-            inputs,
-            layer.depthwise_kernel,
-            strides=layer.strides,
-            padding=layer.padding,
-            dilation_rate=layer.dilation_rate,
-            data_format=layer.data_format,
+        h = conv.convolve(
+            layer, ops.depthwise_conv, inputs, layer.depthwise_kernel
         )
         o = ops.conv(
             h,
@@ -64,19 +60,30 @@ class SeparableConvRule(rules.Rule):
         outputs = o if layer.activation is None else layer.activation(o)
         return rules.Recorded(outputs, variables, Sources(h, o), inputs)
 
+    def spatial(self, layer):
+        """`(kernel_size, strides, dilations)` of the depthwise convolution
+        (`SeparableConv1DRule` sees a 1D one as one of height 1)."""
+        return conv.spatial(layer)
+
+    def planar(self, t):
+        """The layer's input, or `h`'s gradient, as 2D images."""
+        return t
+
     def sq_norms(self, layer, recorded, grads, batch):
         g_h = tf.cast(grads.h, tf.float32)
         g_o = tf.cast(grads.o, tf.float32)
         x = tf.cast(rows.after(recorded.saved, g_h), tf.float32)
         h = tf.cast(rows.after(recorded.sources.h, g_o), tf.float32)
+        kernel_size, strides, dilations = self.spatial(layer)
         geometry = dict(
-            kernel_size=tuple(layer.depthwise_kernel.shape[:2]),
-            strides=tuple(layer.strides),
+            kernel_size=kernel_size,
+            strides=strides,
             padding=layer.padding.upper(),
-            dilations=tuple(layer.dilation_rate),
+            dilations=dilations,
         )
+        kernel_shape = (*kernel_size, *layer.depthwise_kernel.shape[-2:])
         v = depthwise.filter_gradients(
-            x, g_h, layer.depthwise_kernel.shape, batch, **geometry
+            self.planar(x), self.planar(g_h), kernel_shape, batch, **geometry
         )
         sq = tf.reduce_sum(tf.square(v), [0, 1, 3, 4])
         a, g = rows.rows(h, batch)[:, None], rows.rows(g_o, batch)[:, None]
@@ -91,8 +98,9 @@ class SeparableConvRule(rules.Rule):
     def clipped_sums(self, layer, recorded, grads, factors, state):
         v, pointwise, g, bias = state
         pointwise_sum = matmul.clipped_sum(pointwise, g, factors)
+        depthwise_sum = rows.weighted_sum(v, factors, axis=2)
         sums = [
-            rows.weighted_sum(v, factors, axis=2),
+            tf.reshape(depthwise_sum, layer.depthwise_kernel.shape),
             tf.reshape(pointwise_sum, layer.pointwise_kernel.shape),
         ]
         if bias is not None:

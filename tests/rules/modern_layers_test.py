@@ -39,14 +39,22 @@ def assert_sums_close(actual, expected, rtol=1e-4):
         np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * scale)
 
 
-def test_backbone_has_no_fallback_and_equals_per_example_clipping(caplog):
-    model = backbone()
+def fast_without_fallback(model, caplog):
+    """The fast engine's clipped sum of 5 examples, checked to take no
+    fallback, and a loop's: `(fast, expected, (x, y, clip))`, with C at
+    the median norm (half of the examples clipped)."""
     x, y = inputs_for(model, 5)
-    expected, clip = reference_clipped_sum(model, x, y)  # half clipped
+    expected, clip = reference_clipped_sum(model, x, y)
     with caplog.at_level(logging.INFO, logger="keras_dpscale"):
         fast = clipped_sum(model, x, y, clip, "fast")
     assert "fast" in caplog.text  # the log is captured...
     assert "vectorized path" not in caplog.text  # ...and nothing fell back
+    return fast, expected, (x, y, clip)
+
+
+def test_backbone_has_no_fallback_and_equals_per_example_clipping(caplog):
+    model = backbone()
+    fast, expected, (x, y, clip) = fast_without_fallback(model, caplog)
     vectorized = clipped_sum(model, x, y, clip, "vectorized")
     assert_sums_close(fast, vectorized)
     assert_sums_close(fast, expected)
@@ -92,11 +100,26 @@ def lora_model():
 def test_lora_layers_have_no_fallback_and_equal_per_example_clipping(caplog):
     model = lora_model()
     assert len(model.trainable_variables) == 8  # 3 x (A, B) + 2 biases
-    x, y = inputs_for(model, 5)
-    expected, clip = reference_clipped_sum(model, x, y)  # half clipped
-    with caplog.at_level(logging.INFO, logger="keras_dpscale"):
-        fast = clipped_sum(model, x, y, clip, "fast")
-    assert "fast" in caplog.text
-    assert "vectorized path" not in caplog.text
+    fast, expected, (x, y, clip) = fast_without_fallback(model, caplog)
     assert_sums_close(fast, clipped_sum(model, x, y, clip, "vectorized"))
+    assert_sums_close(fast, expected)
+
+
+def conv_model():
+    """Conv3D, Conv2DTranspose, DepthwiseConv1D, SeparableConv1D and
+    Conv1DTranspose, tiny."""
+    i = keras.Input((3, 4, 4, 2))
+    h = keras.layers.Conv3D(2, 2, padding="same", activation="relu")(i)
+    h = keras.layers.Reshape((4, 4, 6))(h)
+    h = keras.layers.Conv2DTranspose(2, 3, strides=2, padding="same")(h)
+    h = keras.layers.Reshape((16, 8))(h)
+    h = keras.layers.DepthwiseConv1D(3, padding="same", activation="tanh")(h)
+    h = keras.layers.SeparableConv1D(3, 3, strides=2)(h)
+    h = keras.layers.Conv1DTranspose(2, 2, activation="tanh")(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return kd.DPModel(i, keras.layers.Dense(3)(h))
+
+
+def test_conv_layers_have_no_fallback_and_equal_per_example_clipping(caplog):
+    fast, expected, _ = fast_without_fallback(conv_model(), caplog)
     assert_sums_close(fast, expected)
