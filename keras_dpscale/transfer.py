@@ -171,6 +171,48 @@ def unfreeze(model, from_layer=None, names=()):
     return [name for name in trained if name not in frozen]
 
 
+def enable_lora(model, rank, head="head"):
+    """LoRA fine-tuning (Hu et al. 2022): LoRA of `rank` on every `Dense`
+    and `EinsumDense` of `model` (the projections of `MultiHeadAttention`
+    included) but the head; only their factors and the head train.
+
+    Every other layer is frozen, and so are the biases of the layers with
+    LoRA. Load pre-trained weights first (`load_backbone`): with LoRA on,
+    the layers hold two more variables each. The fast engine clips the
+    factors by `rules.lora`.
+
+    Args:
+        model: a functional model.
+        rank: the factors' rank r.
+        head: the name of the layer left fully trainable.
+
+    Returns:
+        The names of the layers given LoRA.
+    """
+    lora = []
+    for layer in model.layers:
+        if layer.name == head:
+            continue
+        if isinstance(layer, keras.layers.MultiHeadAttention):
+            targets = [
+                layer.query_dense,
+                layer.key_dense,
+                layer.value_dense,
+                layer.output_dense,
+            ]
+        elif isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+            targets = [layer]
+        else:
+            layer.trainable = False
+            continue
+        for target in targets:
+            target.enable_lora(rank)
+            if target.bias is not None:
+                target.bias.trainable = False
+        lora.append(layer.name)
+    return lora
+
+
 def backbone_classifier(
     backbone="MobileNetV3Small",
     num_classes=10,

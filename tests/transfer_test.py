@@ -13,6 +13,8 @@ import tensorflow as tf
 import keras_dpscale as kd
 from keras_dpscale import experiment
 from tests.conftest import LOSS
+from tests.conftest import inputs_for
+from tests.rules import harness
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -320,10 +322,7 @@ def test_fast_engine_is_exact_through_the_frozen_backbone(caplog):
     # The fast engine proves the frozen MobileNetV3 (inference-mode
     # BatchNormalization, hard-swish, squeeze-excite) keeps examples apart
     # and its clipped sum equals the one of a loop over single examples.
-    from tests.conftest import inputs_for
     from tests.conftest import reference_clipped_sum
-    from tests.rules.harness import assert_sums_close
-    from tests.rules.harness import clipped_sum
 
     model = kd.transfer.backbone_classifier(
         "MobileNetV3Small", num_classes=3, input_shape=(32, 32, 3),
@@ -332,6 +331,67 @@ def test_fast_engine_is_exact_through_the_frozen_backbone(caplog):
     x, y = inputs_for(model, 4)
     expected, clip = reference_clipped_sum(model, x, y)  # half clipped
     with caplog.at_level(logging.INFO, logger="keras_dpscale"):
-        fast = clipped_sum(model, x, y, clip, "fast")
+        fast = harness.clipped_sum(model, x, y, clip, "fast")
     assert "vectorized" not in caplog.text  # no fallback, no layer alone
-    assert_sums_close(fast, expected, rtol=1e-5)
+    harness.assert_sums_close(fast, expected, rtol=1e-5)
+
+
+def test_convnext_tiny_config_fine_tunes_its_last_block_on_the_fast_engine(
+    clean_gin, caplog
+):
+    # keras.applications.ConvNeXtTiny, frozen but its last block (depthwise
+    # convolution, LayerNorm, the MLP's Dense layers, layer scale) and a
+    # Dense head: every trainable layer through its rule (each rule is
+    # checked against per-example gradients on its own, and a whole
+    # ConvNeXt in tests/models/convnext_test.py).
+    experiment.parse_config(
+        [os.path.join(CONFIGS, "transfer_convnext_tiny.gin")],
+        ["backbone_classifier.num_classes = 3"],
+    )
+    model = experiment.build_model()
+    trained = {v.path.split("/")[-2] for v in model.trainable_variables}
+    assert "convnext_tiny_stage_3_block_2_layer_scale" in trained
+    x, y = inputs_for(model, 2)
+    with caplog.at_level(logging.INFO, logger="keras_dpscale"):
+        fast = harness.clipped_sum(model, x, y, 1.0, "fast")
+    assert "fast" in caplog.text  # the log is captured...
+    assert "vectorized path" not in caplog.text  # ...and nothing fell back
+    assert len(fast) == len(model.trainable_variables)
+    assert all(np.all(np.isfinite(g)) for g in fast)
+
+
+def test_lora_config_loads_the_checkpoint_then_trains_the_factors(
+    tmp_path, clean_gin
+):
+    tiny = dict(depth=1, width=6, heads=2, input_shape=(8, 8, 3))
+    public = kd.models.vit(**tiny, num_classes=5, private=False)
+    perturbed(public)
+    path = str(tmp_path / "vit_public.keras")
+    public.save(path)
+    experiment.parse_config(
+        [os.path.join(CONFIGS, "vit_lora.gin")],
+        [
+            f"build_model.model_kwargs = {dict(tiny, num_classes=3)!r}",
+            f"build_model.init_checkpoint = {path!r}",
+            "build_model.lora_rank = 2",
+        ],
+    )
+    model = experiment.build_model()
+    names = {v.path for v in model.trainable_variables}
+    assert {n for n in names if not n.startswith("head/")} == {
+        f"block1_{p}/lora_kernel_{f}"
+        for p in (
+            "attn/query",
+            "attn/key",
+            "attn/value",
+            "attn/attention_output",
+            "mlp1",
+            "mlp2",
+        )
+        for f in "ab"
+    }
+    # The frozen kernels are the checkpoint's (copied before LoRA).
+    mlp = model.get_layer("block1_mlp1")
+    np.testing.assert_array_equal(
+        mlp._kernel.numpy(), public.get_layer("block1_mlp1").kernel.numpy()
+    )

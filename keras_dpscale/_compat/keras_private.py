@@ -4,6 +4,11 @@ Checked against Keras 3.15.1 (TensorFlow backend). Each name says what it
 is used for; `tools/compat_check.sh`-style upgrades start here.
 """
 
+# keras.applications' ConvNeXt layer scale (`x * gamma`), for its rule.
+from keras.src.applications.convnext import (
+    LayerScale as ApplicationsLayerScale,
+)
+
 # A scope that runs layers without writing variables, with a mapping for the
 # seed generators' state: per-example seeds and the no-state-update check.
 from keras.src.backend.common.stateless_scope import StatelessScope
@@ -38,6 +43,7 @@ from keras.src.trainers.data_adapters.data_adapter_utils import (
 from keras.src.trainers.trainer import Trainer
 
 __all__ = [
+    "ApplicationsLayerScale",
     "Functional",
     "StatelessScope",
     "Trainer",

@@ -42,6 +42,7 @@ def build_model(
     model_kwargs=None,
     init_checkpoint=None,
     freeze_until=None,
+    lora_rank=None,
 ):
     """Builds the network (call it in the strategy's scope).
 
@@ -53,6 +54,9 @@ def build_model(
             published NFNet file (`*_haiku.npz`) or a `.keras` model.
         freeze_until: freeze the layers up to this one (head-only DP
             fine-tuning with "pool").
+        lora_rank: LoRA fine-tuning of this rank, after the checkpoint is
+            loaded (`transfer.enable_lora`): only the factors of the
+            `Dense`/`EinsumDense` layers and the head train.
 
     Returns:
         The uncompiled model.
@@ -69,6 +73,8 @@ def build_model(
         transfer.load_backbone(net, init_checkpoint)
     if freeze_until:
         transfer.freeze(net, until=freeze_until)
+    if lora_rank:
+        transfer.enable_lora(net, lora_rank)
     return net
 
 

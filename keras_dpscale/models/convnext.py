@@ -7,16 +7,15 @@ LayerNorm and a stride-2 `Conv2D` between stages, global average pooling,
 LayerNorm and a `Dense` head. LayerNorm works per example: no BatchNorm to
 replace for per-example clipping.
 
-Every trainable layer has a fast clipping rule: layer scale registers its
-own (`LayerScaleRule`).
+Every trainable layer has a fast clipping rule: layer scale takes
+`rules.layer_scale`'s.
 """
 
 import keras
-import tensorflow as tf
 
 from keras_dpscale import dp_model
 from keras_dpscale import rules
-from keras_dpscale.rules import rows
+from keras_dpscale.rules import layer_scale as layer_scale_lib
 
 
 @keras.saving.register_keras_serializable(package="keras_dpscale")
@@ -33,14 +32,14 @@ class LayerScale(keras.layers.Layer):
         self.initial_value = initial_value
 
     def build(self, input_shape):
-        self.scale = self.add_weight(
-            name="scale",
+        self.gamma = self.add_weight(
+            name="gamma",
             shape=(input_shape[-1],),
             initializer=keras.initializers.Constant(self.initial_value),
         )
 
     def call(self, inputs):
-        return inputs * keras.ops.cast(self.scale, inputs.dtype)
+        return inputs * keras.ops.cast(self.gamma, inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -49,24 +48,7 @@ class LayerScale(keras.layers.Layer):
         return {**super().get_config(), "initial_value": self.initial_value}
 
 
-@rules.register_rule(LayerScale)
-class LayerScaleRule(rules.Rule):
-    """`o = x * scale`: example i's gradient of the scale is G times x
-    summed over its rows (`[B, channels]`, formed, normed and weighted)."""
-
-    def forward(self, layer, inputs):
-        outputs = inputs * keras.ops.cast(layer.scale, inputs.dtype)
-        return rules.Recorded(
-            outputs, [layer.scale], sources=outputs, saved=inputs
-        )
-
-    def sq_norms(self, layer, recorded, grads, batch):
-        g_x = tf.cast(grads, tf.float32) * tf.cast(recorded.saved, tf.float32)
-        per_example = rows.per_example_sum(g_x, batch)
-        return tf.reduce_sum(tf.square(per_example), 1), per_example
-
-    def clipped_sums(self, layer, recorded, grads, factors, state):
-        return [rows.weighted_sum(state, factors)]
+rules.register_rule(LayerScale)(layer_scale_lib.LayerScaleRule)
 
 
 def convnext(

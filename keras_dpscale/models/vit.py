@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from keras_dpscale import dp_model
 from keras_dpscale import rules
+from keras_dpscale import transfer
 from keras_dpscale.rules import rows
 
 
@@ -139,30 +140,5 @@ def vit(
     cls = dp_model.DPModel if private else keras.Model
     model = cls(inputs, outputs, name=name or f"vit_{depth}_{width}")
     if lora_rank:
-        enable_lora(model, lora_rank)
+        transfer.enable_lora(model, lora_rank)
     return model
-
-
-def enable_lora(model, rank):
-    """LoRA of `rank` on the attention projections and MLP `Dense` layers
-    of a `vit`; every other variable but the head's is frozen, and so are
-    the biases of the layers with LoRA."""
-    for layer in model.layers:
-        if layer.name == "head":
-            continue
-        if isinstance(layer, keras.layers.MultiHeadAttention):
-            targets = [
-                layer.query_dense,
-                layer.key_dense,
-                layer.value_dense,
-                layer.output_dense,
-            ]
-        elif isinstance(layer, keras.layers.Dense):
-            targets = [layer]
-        else:
-            layer.trainable = False
-            continue
-        for target in targets:
-            target.enable_lora(rank)
-            if target.bias is not None:
-                target.bias.trainable = False

@@ -255,6 +255,7 @@ from keras_dpscale.rules import depthwise  # noqa: E402,F401
 from keras_dpscale.rules import depthwise1d  # noqa: E402,F401
 from keras_dpscale.rules import einsum_dense  # noqa: E402,F401
 from keras_dpscale.rules import embedding  # noqa: E402,F401
+from keras_dpscale.rules import layer_scale  # noqa: E402,F401
 from keras_dpscale.rules import lora  # noqa: E402,F401  (after dense)
 from keras_dpscale.rules import normalization  # noqa: E402,F401
 from keras_dpscale.rules import rms_norm  # noqa: E402,F401

@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import os
 
 import keras
 import numpy as np
@@ -17,6 +18,10 @@ from keras_dpscale.rules import rows
 from tests.conftest import inputs_for
 from tests.conftest import reference_clipped_sum
 from tests.rules import harness
+
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 
 
 class MyScale(keras.layers.Layer):
@@ -145,4 +150,29 @@ def test_a_custom_rule_gives_fast_clipping_without_fallback(caplog):
     with caplog.at_level(logging.INFO, logger="keras_dpscale"):
         fast = harness.clipped_sum(model, x, y, clip, "fast")
     assert "vectorized" not in caplog.text
+    harness.assert_sums_close(fast, expected)
+
+
+def test_the_worked_example_of_the_docs_runs_as_written(caplog):
+    # docs/writing_rules.md: its code blocks, in order, as a user runs them
+    # (the layer, its rule, the harness check); then a model of the layer
+    # on the fast engine with no fallback, equal to per-example clipping.
+    path = os.path.join(ROOT, "docs", "writing_rules.md")
+    with open(path) as f:
+        blocks = [b.split("```")[0] for b in f.read().split("```python")[1:]]
+    namespace = {}
+    exec("\n".join(blocks), namespace)  # noqa: S102 -- the docs' example
+    model = kd.DPSequential(
+        [
+            keras.Input((4, 3)),
+            namespace["ScaleShift"](),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    x, y = inputs_for(model, 6)
+    expected, clip = reference_clipped_sum(model, x, y)
+    with caplog.at_level(logging.INFO, logger="keras_dpscale"):
+        fast = harness.clipped_sum(model, x, y, clip, "fast")
+    assert "vectorized path" not in caplog.text
     harness.assert_sums_close(fast, expected)
