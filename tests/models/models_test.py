@@ -103,3 +103,25 @@ def test_dp_step_in_mixed_bfloat16(name, mixed_bfloat16):
     assert int(model.optimizer.iterations) == 2
     for a, b in zip(before, model.trainable_variables):
         assert not np.array_equal(a, b.numpy())
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("vit_1_8", dict(heads=2, input_shape=(8, 8, 3))),
+        ("convnext", dict(widths=(4, 8), depths=(1, 0), kernel_size=3,
+                          input_shape=(8, 8, 3))),
+    ],
+)  # fmt: skip
+def test_modern_backbones_build_by_name_and_save(name, kwargs, tmp_path):
+    model = kd.models.get(name, num_classes=3, **kwargs)
+    assert isinstance(model, kd.DPModel)
+    assert model.output.shape == (None, 3)
+    validators.check_layers(model)  # no layer mixes examples
+    x, _ = inputs_for(model, 2)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5
+    )

@@ -2,16 +2,16 @@
 layer through its rule (no fallback), and the clipped sum equal to the
 vectorized engine's and to a loop's."""
 
-import logging
 
 import keras
 import numpy as np
 
 import keras_dpscale as kd
 from tests.conftest import inputs_for
-from tests.conftest import reference_clipped_sum
+from tests.rules.harness import assert_sums_close
 from tests.rules.harness import bfloat16_errors
 from tests.rules.harness import clipped_sum
+from tests.rules.harness import fast_without_fallback
 
 
 def backbone():
@@ -30,34 +30,12 @@ def backbone():
     return kd.DPModel(i, keras.layers.Dense(3)(h))
 
 
-def assert_sums_close(actual, expected, rtol=1e-4):
-    """Sums equal up to `rtol` of the largest entry of all of them: the
-    attention's key bias has a gradient of zero (softmax does not see a
-    shift of all logits), of which each engine computes rounding only."""
-    scale = max(np.max(np.abs(e)) for e in expected)
-    for a, e in zip(actual, expected):
-        np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * scale)
-
-
-def fast_without_fallback(model, caplog):
-    """The fast engine's clipped sum of 5 examples, checked to take no
-    fallback, and a loop's: `(fast, expected, (x, y, clip))`, with C at
-    the median norm (half of the examples clipped)."""
-    x, y = inputs_for(model, 5)
-    expected, clip = reference_clipped_sum(model, x, y)
-    with caplog.at_level(logging.INFO, logger="keras_dpscale"):
-        fast = clipped_sum(model, x, y, clip, "fast")
-    assert "fast" in caplog.text  # the log is captured...
-    assert "vectorized path" not in caplog.text  # ...and nothing fell back
-    return fast, expected, (x, y, clip)
-
-
 def test_backbone_has_no_fallback_and_equals_per_example_clipping(caplog):
     model = backbone()
     fast, expected, (x, y, clip) = fast_without_fallback(model, caplog)
     vectorized = clipped_sum(model, x, y, clip, "vectorized")
-    assert_sums_close(fast, vectorized)
-    assert_sums_close(fast, expected)
+    assert_sums_close(fast, vectorized, across=True)
+    assert_sums_close(fast, expected, across=True)
 
 
 def test_backbone_in_mixed_bfloat16():
@@ -75,7 +53,7 @@ def test_non_finite_example_contributes_nothing():
     with_bad = clipped_sum(model, bad, y, 0.1, "fast")
     without = clipped_sum(model, x[[0, 1, 3]], y[[0, 1, 3]], 0.1, "fast")
     assert all(np.all(np.isfinite(g)) for g in with_bad)
-    assert_sums_close(with_bad, without)
+    assert_sums_close(with_bad, without, across=True)
 
 
 def lora_model():
@@ -101,8 +79,10 @@ def test_lora_layers_have_no_fallback_and_equal_per_example_clipping(caplog):
     model = lora_model()
     assert len(model.trainable_variables) == 8  # 3 x (A, B) + 2 biases
     fast, expected, (x, y, clip) = fast_without_fallback(model, caplog)
-    assert_sums_close(fast, clipped_sum(model, x, y, clip, "vectorized"))
-    assert_sums_close(fast, expected)
+    assert_sums_close(
+        fast, clipped_sum(model, x, y, clip, "vectorized"), across=True
+    )
+    assert_sums_close(fast, expected, across=True)
 
 
 def conv_model():
@@ -122,4 +102,4 @@ def conv_model():
 
 def test_conv_layers_have_no_fallback_and_equal_per_example_clipping(caplog):
     fast, expected, _ = fast_without_fallback(conv_model(), caplog)
-    assert_sums_close(fast, expected)
+    assert_sums_close(fast, expected, across=True)
