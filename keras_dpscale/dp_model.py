@@ -244,7 +244,7 @@ class DPTrainer(reporting.PrivacyReporting):
             # A dataset samples its own batches (Keras would only warn that
             # `shuffle` is ignored).
             shuffle = False
-        _check_whole_logical_batches(x, steps_per_epoch, optimizer)
+        _check_whole_logical_batches(x, steps_per_epoch, optimizer, drawn)
         if optimizer.dp_config.calibrating:
             validators.check_sampling(optimizer.sampling, drawn)
         if optimizer.discard_partial_batch():
@@ -382,25 +382,43 @@ def _trace_for(model, rows):
     model._dp_traced_rows = rows
 
 
-def _check_whole_logical_batches(x, steps_per_epoch, optimizer):
+def _check_whole_logical_batches(x, steps_per_epoch, optimizer, drawn):
     """Raises unless each epoch is whole logical batches: a logical batch
     that ran over an epoch's end would join the last physical batches of
     one pass over the data (or one sample) to the first of the next, and
-    an example could be in its noised sum twice."""
+    an example could be in its noised sum twice. A pipeline that cuts its
+    samples into physical batches (`sampling.Sampling.accumulation_steps`)
+    must cut them as the optimizer accumulates (`drawn`: the data's
+    sampling)."""
     k = optimizer.accumulation_steps
+    cut = drawn.accumulation_steps
+    if cut is not None and cut != k:
+        raise ValueError(
+            f"The dataset cuts each sample into {cut} physical batches, the "
+            f"optimizer accumulates accumulation_steps={k}: pass the same "
+            "accumulation_steps to both."
+        )
     if k == 1:
         return
-    steps = steps_per_epoch
-    if steps is None and isinstance(x, tf.data.Dataset):
+    counts = [] if steps_per_epoch is None else [steps_per_epoch]
+    if isinstance(x, tf.data.Dataset):
         cardinality = int(x.cardinality())
-        steps = cardinality if cardinality >= 0 else None
-    if steps is None or steps % k:
-        raise ValueError(
-            f"With accumulation_steps={k}, each epoch must be whole logical "
-            f"batches: pass steps_per_epoch (a multiple of {k}) or a "
-            f"dataset whose number of batches is a multiple of {k} (got "
-            f"{'an unknown number' if steps is None else steps})."
-        )
+        if cardinality == tf.data.UNKNOWN_CARDINALITY:
+            counts.append("an unknown number")  # might run out mid-batch
+        elif cardinality != tf.data.INFINITE_CARDINALITY:
+            counts.append(cardinality)
+    elif steps_per_epoch is None:
+        counts.append("an unknown number")
+    for count in counts:
+        if isinstance(count, str) or count % k:
+            raise ValueError(
+                f"With accumulation_steps={k}, each epoch must be whole "
+                "logical batches: steps_per_epoch (if given) and the "
+                "dataset's number of batches (unless it repeats forever) "
+                f"must be known multiples of {k} (got {count}). Give the "
+                "dataset a known length (`tf.data.experimental."
+                "assert_cardinality`) or repeat it."
+            )
 
 
 def _by_name(args, kwargs):

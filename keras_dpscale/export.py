@@ -164,20 +164,27 @@ def _image_shape(model, input_shape):
 
 @contextlib.contextmanager
 def _quiet_save():
-    """Raises the level of the loggers that announce a SavedModel's files.
+    """Raises the log levels that let a SavedModel's writing be announced.
 
-    `tf.saved_model.save` logs "Assets written to ..." (TensorFlow's logger)
-    and "Writing fingerprint to ..." (absl's) at INFO; warnings and errors
+    `tf.saved_model.save` logs "Function ... contains input name(s)",
+    "Sharding callback duration" and "Writing fingerprint to ..." at INFO,
+    through absl's handler (at absl's verbosity) or the root logger's;
+    raising TensorFlow's own logger is not enough. Warnings and errors
     still show.
     """
-    loggers = [tf.get_logger(), logging.getLogger("absl")]
+    from absl import logging as absl_logging
+
+    loggers = [logging.getLogger(), tf.get_logger(), logging.getLogger("absl")]
     levels = [logger.level for logger in loggers]
+    verbosity = absl_logging.get_verbosity()
     for logger in loggers:
         if logger.getEffectiveLevel() < logging.WARNING:
             logger.setLevel(logging.WARNING)
+    absl_logging.set_verbosity(min(verbosity, absl_logging.WARNING))
     try:
         yield
     finally:
+        absl_logging.set_verbosity(verbosity)
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
 

@@ -49,6 +49,10 @@ class Sampling:
             training set size N that a Poisson pipeline samples with (rate
             B/N); None where the pipeline does not say. `fit` checks them
             against the optimizer's: the accountant uses the optimizer's.
+        accumulation_steps: the physical batches a pipeline cuts each
+            sample into (per replica); None where it does not say. `fit`
+            refuses an optimizer that accumulates another number (its
+            noised sums would hold several samples, or part of one).
     """
 
     kind: str
@@ -56,6 +60,7 @@ class Sampling:
     declared: bool = False
     batch_size: int | None = None
     num_examples: int | None = None
+    accumulation_steps: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -182,13 +182,28 @@ def enable_lora(model, rank, head="head"):
     factors by `rules.lora`.
 
     Args:
-        model: a functional model.
+        model: a functional model whose layers are not models themselves
+            (their layers would be frozen without LoRA: refused).
         rank: the factors' rank r.
         head: the name of the layer left fully trainable.
 
     Returns:
         The names of the layers given LoRA.
+
+    Raises:
+        ValueError: if no layer is named `head`, or a layer is a model.
     """
+    names = [layer.name for layer in model.layers]
+    if head not in names:
+        raise ValueError(
+            f"No layer named {head!r} (the head, left fully trainable)."
+        )
+    nested = [l.name for l in model.layers if isinstance(l, keras.Model)]
+    if nested:
+        raise ValueError(
+            f"enable_lora takes the layers of one functional model; "
+            f"{nested} are models: enable LoRA on their layers yourself."
+        )
     lora = []
     for layer in model.layers:
         if layer.name == head:

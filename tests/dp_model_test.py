@@ -750,10 +750,45 @@ def test_a_logical_batch_cannot_run_over_an_epoch_end():
         ),
         loss=LOSS,
     )
-    x, y = np.ones((12, 6), "float32"), np.zeros(12, "int32")
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="whole"):
+    x, y = np.ones((20, 6), "float32"), np.zeros(20, "int32")
+    ds = kd.sampling.declare(
+        tf.data.Dataset.from_tensor_slices((x[:12], y[:12])).batch(4),
+        "shuffle",
+    )
+    with pytest.raises(ValueError, match="whole"):
         model.fit(ds, epochs=2, verbose=0)
+    # A multiple of k steps per epoch, but 5 batches: the second epoch's
+    # data would run out after one batch of a logical batch.
+    five = kd.sampling.declare(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(4), "shuffle"
+    )
+    with pytest.raises(ValueError, match="got 5"):
+        model.fit(five, steps_per_epoch=4, epochs=3, verbose=0)
+    # A length nobody knows could run out anywhere.
+    unknown = five.filter(lambda x, y: True)
+    with pytest.raises(ValueError, match="unknown"):
+        model.fit(unknown, steps_per_epoch=4, verbose=0)
+    assert int(model.optimizer.iterations) == 0
+
+
+def test_a_pipeline_cut_for_other_accumulation_steps_is_refused():
+    # Poisson samples cut into 1 physical batch each, accumulated by 2: one
+    # noised sum would hold two samples (an example in it twice).
+    model = kd.DPSequential([keras.Input((6,)), keras.layers.Dense(3)])
+    model.compile(
+        optimizer=kd.DPSGD(
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            accumulation_steps=2,
+            batch_size=4,
+            num_examples=20,
+        ),
+        loss=LOSS,
+    )
+    x, y = np.ones((20, 6), "float32"), np.zeros(20, "int32")
+    ds = kd.data.poisson.arrays_dataset(x, y, 4, steps=4, accumulation_steps=1)
+    with pytest.raises(ValueError, match="cuts each sample into 1"):
+        model.fit(ds, verbose=0)
     assert int(model.optimizer.iterations) == 0
 
 

@@ -395,3 +395,18 @@ def test_lora_config_loads_the_checkpoint_then_trains_the_factors(
     np.testing.assert_array_equal(
         mlp._kernel.numpy(), public.get_layer("block1_mlp1").kernel.numpy()
     )
+
+
+def test_enable_lora_refuses_what_it_would_silently_get_wrong():
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    inputs = keras.Input((4,))
+    nested = kd.DPModel(
+        inputs, keras.layers.Dense(2, name="head")(inner(inputs))
+    )
+    with pytest.raises(ValueError, match="are models"):
+        kd.transfer.enable_lora(nested, 2)
+    flat = kd.DPSequential(
+        [keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)]
+    )
+    with pytest.raises(ValueError, match="No layer named 'head'"):
+        kd.transfer.enable_lora(flat, 2)

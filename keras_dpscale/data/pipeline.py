@@ -90,7 +90,7 @@ def shuffled_dataset(
         ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
             tf.data.AUTOTUNE
         ),
-        sampling_lib.Sampling("shuffle"),
+        sampling_lib.Sampling("shuffle", accumulation_steps=accumulation_steps),
     )
 
 

@@ -367,6 +367,7 @@ class _Sampler:
                 self.overflow_probability,
                 batch_size=self.batch_size,
                 num_examples=self.num_examples,
+                accumulation_steps=self.accumulation_steps,
             ),
         )
 

@@ -65,6 +65,7 @@ def test_the_sample_is_secret_and_fresh_for_every_pass():
         kd.sampling.of(ds).overflow_probability,
         batch_size=B,
         num_examples=len(images),
+        accumulation_steps=1,
     )
     first, second, other = samples(ds), samples(ds), samples(again)
     assert len(first) == 3

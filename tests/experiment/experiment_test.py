@@ -109,6 +109,9 @@ def test_train_py_runs_a_config_end_to_end(tmp_path, monkeypatch, clean_gin):
     assert "build_model.model = @tiny_cnn" in operative
     assert os.listdir(model_dir / "logs")  # TensorBoard
     assert (model_dir / "saved_model" / "saved_model.pb").exists()
+    # A quiet console: the export's INFO lines do not show.
+    for noise in ("Writing fingerprint", "Sharding callback", "input name(s)"):
+        assert noise not in run.stderr + run.stdout, noise
     record = json.loads(
         (model_dir / "saved_model" / "assets" / "privacy.json").read_text()
     )

@@ -1,7 +1,6 @@
 """The ViT: its position embedding's rule, every layer on the fast engine,
 and LoRA fine-tuning."""
 
-
 import numpy as np
 
 from keras_dpscale.models.vit import PositionEmbedding

@@ -2,7 +2,6 @@
 layer through its rule (no fallback), and the clipped sum equal to the
 vectorized engine's and to a loop's."""
 
-
 import keras
 import numpy as np
 
