@@ -12,6 +12,8 @@ adversarial inputs (constant and near-constant images, large offsets, tiny
 and huge scales).
 """
 
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from hypothesis import strategies as st
 from keras import ops
 
 import keras_dpscale as kd
+from keras_dpscale.models.convnext import LayerScale
 from tests.conftest import compile_step
 
 B = 6
@@ -246,3 +249,51 @@ def test_generated_models_keep_each_example_within_c(
     assert refusal is None  # the default engine trains every such model
     if poison is not None:  # which the fast engine refuses
         assert assert_bounded_or_refused(build, x, y, removed, clip, "fast")
+
+
+def modern_block(kind, h):
+    """One layer of issue 17's rules on `[B, 6, 6, 3]` features."""
+    if kind == "depthwise":
+        return keras.layers.DepthwiseConv2D(3, padding="same")(h)
+    if kind == "separable":
+        return keras.layers.SeparableConv2D(4, 3, strides=2, padding="same")(h)
+    if kind == "transpose":
+        return keras.layers.Conv2DTranspose(2, 3, strides=2, padding="same")(h)
+    if kind == "conv3d":
+        h = keras.layers.Reshape((3, 6, 6, 1))(ops.transpose(h, (0, 3, 1, 2)))
+        return keras.layers.Conv3D(2, (2, 3, 3), padding="same")(h)
+    if kind == "layer_scale":
+        h = keras.layers.Conv2D(4, 3)(h)
+        return LayerScale(0.5)(h)
+    if kind == "lora":
+        dense = keras.layers.Dense(4)
+        h = dense(h)
+        dense.enable_lora(2)
+        dense.lora_kernel_b.assign(np.full(dense.lora_kernel_b.shape, 0.3))
+        return h
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("inputs", ["dc_offset", "huge"])
+@pytest.mark.parametrize(
+    "kind",
+    ["depthwise", "separable", "transpose", "conv3d", "layer_scale", "lora"],
+)
+def test_modern_layers_keep_each_example_within_c(kind, inputs, caplog):
+    # The fast engine's rules of issue 17 on crafted inputs (a DC offset
+    # that Gram forms could cancel, huge values): removing or zeroing one
+    # example, itself far above C, moves the update by at most C.
+    rng = np.random.default_rng(1)
+    x = adversarial_images(inputs, rng).astype("float32")
+    y = rng.integers(0, 3, B).astype("int32")
+
+    def build():
+        keras.utils.set_random_seed(1)
+        i = keras.Input(IMAGE)
+        h = keras.layers.Activation("tanh")(modern_block(kind, i))
+        h = keras.layers.Flatten()(h)
+        return kd.DPModel(i, keras.layers.Dense(3)(h))
+
+    with caplog.at_level(logging.INFO, logger="keras_dpscale"):
+        assert assert_bounded_or_refused(build, x, y, 2, 1e-3, "fast") is None
+    assert "vectorized path" not in caplog.text  # every layer by its rule
