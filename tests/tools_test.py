@@ -32,6 +32,9 @@ def test_device_check_quick_prints_its_figures():
     assert "device_check: bench WRN-4-1 ok" in text
     result = r"DP run: test accuracy [\d.]+, epsilon [\d.]+ at delta 1e-05"
     assert re.search(r"WRN-4-1 \(synthetic data\) " + result, text), text
+    # The full recipe's time from the run's step time (here WRN-4-1's).
+    assert re.search(r"device_check: full recipe from WRN-4-1", text), text
+    assert re.search(r"device_check: estimate: [\d.]+ h", text), text
     mirrored = re.search(r"DP run, mirrored: test accuracy [\d.]+", text)
     assert mirrored, text[-3000:]
     assert out.returncode == 0, text[-3000:]
@@ -51,6 +54,7 @@ IMAGENET_32 = [
     "build_data.augmult = 2",
 ]
 DRY_RUNS = {
+    "cifar10_quick.gin": (False, []),
     "cifar10_wrn_16_4_eps8.gin": (
         True,
         ['build_model.model = "wrn_16_1"', "build_data.augmult = 2"],

@@ -11,6 +11,9 @@
 #    shortened by gin bindings; augmult on) from
 #    $DATA_DIR/cifar10-jpeg.tar.gz (DATA_DIR: $KERAS_DPSCALE_DATA_DIR, else
 #    ../shared/data beside the repository): test accuracy and epsilon.
+#    From its time per step, the whole recipe's wall time on this device
+#    (tools/recipe_time.py; with --quick, from WRN-4-1: a check of the
+#    arithmetic, not an estimate).
 # 3. The same under --strategy mirrored.
 #
 # Each part has a time limit (the BENCH*_S, RUN_S and MIRRORED_S variables;
@@ -69,6 +72,7 @@ if [ "$QUICK" = 1 ]; then
   BENCH=(--image_size 8 --batch_sizes 4 --steps 2 --warmup 1)
   BENCH_MODELS=("4 1")  # WRN-4-1: stem, head, no residual block
   RUN_MODEL="WRN-4-1 (synthetic data)"
+  RUN_BATCH=8 RUN_AUGMULT=2
   CONFIG_BINDINGS=(
     'build_model.model = "wrn_4_1"'
     "train_and_evaluate.batch_size = 8"
@@ -100,6 +104,7 @@ else
   BENCH=(--image_size 32 --batch_sizes 256,1024 --steps 5 --warmup 2)
   BENCH_MODELS=("16 4" "40 4")
   RUN_MODEL="WRN-16-4"
+  RUN_BATCH=512 RUN_AUGMULT=4
   # About 300 steps of B = 512 with 4 augmult views (98 steps per epoch),
   # the fast engine, no export: about 2 minutes on one GPU.
   CONFIG_BINDINGS=(
@@ -155,6 +160,19 @@ run_cifar() {  # run_cifar NAME LIMIT STRATEGY BINDINGS...
 
 if [ "$QUICK" = 1 ] || [ -f "$DATA_DIR/cifar10-jpeg.tar.gz" ]; then
   run_cifar "CIFAR-10 $RUN_MODEL DP run" "$RUN_S" default "${CONFIG_BINDINGS[@]}"
+  # The full recipe's wall time on this device, from the run's last epoch's
+  # time per step (tools/recipe_time.py).
+  STEP=$(tr '\r' '\n' <"$SCRATCH/default.log" | sed 's/\x1b\[[0-9;]*m//g' \
+    | grep -E " - epsilon: " | tail -n 1 \
+    | sed -nE 's/.* ([0-9.]+)(m?s)\/step.*/\1 \2/p')
+  if [ -n "$STEP" ]; then
+    read -r value unit <<<"$STEP"
+    [ "$unit" = ms ] && value=$(awk "BEGIN {print $value / 1000}")
+    echo "device_check: full recipe from $RUN_MODEL at $value s/step ($RUN_BATCH x $RUN_AUGMULT views):"
+    "$PY" tools/recipe_time.py --config configs/cifar10_wrn_16_4_eps8.gin \
+      --seconds_per_step "$value" --measured_batch "$RUN_BATCH" \
+      --measured_augmult "$RUN_AUGMULT" 2>/dev/null | sed "s/^/device_check: /"
+  fi
   run_cifar "CIFAR-10 $RUN_MODEL DP run, mirrored" "$MIRRORED_S" mirrored \
     "${MIRRORED_BINDINGS[@]}"
 else

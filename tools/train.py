@@ -115,8 +115,9 @@ def main(argv):
     )
     # `fit` has printed the privacy statement (the PrivacyBudget callback);
     # it is also in result.json.
+    split = next(k for k in result if k.endswith("_accuracy"))
     print(
-        f"test accuracy {result['test_accuracy']:.4f}, epsilon "
+        f"{split.replace('_', ' ')} {result[split]:.4f}, epsilon "
         f"{result['epsilon']:.3f} at delta {result['delta']:g} "
         f"({result['steps']} steps of batch {result['batch_size']}, "
         f"noise multiplier {result['noise_multiplier']:.4g}, "

@@ -3,12 +3,13 @@
 `load(name, split)` returns a `tf.data.Dataset` of `(image uint8 [H, W, C],
 label int64)` pairs, in a fixed order. It tries, in order:
 
-1. `image_folder=`: an ImageFolder directory (`<split>/<class>/<file>`; the
+1. tfds with `data_dir`: a prepared dataset (the real one), or one that tfds
+   can prepare from the archives in `manual_dir` (for cifar10,
+   `cifar-10-binary.tar.gz`) without a download;
+2. `image_folder=`: an ImageFolder directory (`<split>/<class>/<file>`; the
    sorted class names are the labels) or a `.tar.gz` of one, such as
-   `../shared/data/cifar10-jpeg.tar.gz`, read with tfds' `ImageFolder`;
-2. tfds with `data_dir`: a prepared dataset, or one that tfds can prepare
-   from the archives in `manual_dir` (for cifar10, `cifar-10-binary.tar.gz`)
-   without a download;
+   `../shared/data/cifar10-jpeg.tar.gz` (a lossy JPEG copy of CIFAR-10),
+   read with tfds' `ImageFolder`;
 3. for fashion_mnist, Debian's package `dataset-fashion-mnist` (IDX files in
    /usr/share/datasets/fashion-mnist).
 
@@ -167,7 +168,12 @@ def load(
         DataNotFoundError: no source worked; the message lists them.
     """
     attempts = []
-    sources = []
+    sources = [
+        (
+            f"tfds '{name}' (data_dir={data_dir}, manual_dir={manual_dir})",
+            lambda: _from_tfds(name, split, data_dir, manual_dir),
+        )
+    ]
     if image_folder:
         sources.append(
             (
@@ -175,12 +181,6 @@ def load(
                 lambda: _from_image_folder(image_folder, split, cache_dir),
             )
         )
-    sources.append(
-        (
-            f"tfds '{name}' (data_dir={data_dir}, manual_dir={manual_dir})",
-            lambda: _from_tfds(name, split, data_dir, manual_dir),
-        )
-    )
     sources.append(
         (
             f"Debian package files in {DEBIAN_FASHION_MNIST}",

@@ -29,6 +29,7 @@ REPOSITORY = os.path.dirname(
 
 gin.external_configurable(imagenet.preprocess, "imagenet_preprocess")
 gin.external_configurable(imagenet.augmult_crops, "imagenet_augmult_crops")
+gin.external_configurable(data.random_crop_flip, "random_crop_flip")
 
 
 def default_data_dir():
@@ -56,6 +57,8 @@ class Inputs:
         eval_examples: a function returning the unbatched eval examples.
         eval_batch_size: the evaluation batch size.
         eval_preprocess: per-example preprocessing of evaluation images.
+        eval_name: what the evaluation reads: the eval split's name
+            ("test") or "validation" (held out from the training set).
     """
 
     plan: Plan
@@ -65,6 +68,7 @@ class Inputs:
     eval_examples: Callable[[], Any]
     eval_batch_size: int = 1000
     eval_preprocess: Any = None
+    eval_name: str = "test"
 
     @property
     def steps_per_epoch(self):
@@ -128,6 +132,7 @@ def build_data(
     manual_dir=None,
     random_access=False,
     eval_split="test",
+    validation_size=None,
     preprocess=None,
     eval_preprocess=None,
     augment=None,
@@ -148,6 +153,11 @@ def build_data(
             `tfds.data_source` (ArrayRecord data; ImageNet) instead of
             holding it in memory (Poisson sampling only).
         eval_split: the split evaluated at the end.
+        validation_size: hold out the last `validation_size` training
+            examples (a fixed, public split): the run trains on the others
+            (N shrinks, and the accountant counts the smaller N) and is
+            evaluated on them instead of `eval_split`. For tuning: the test
+            set is then never read (`tools/sweep.py`).
         preprocess: per-example preprocessing of training images (e.g.
             `imagenet_preprocess` with `train=True`); default: scaling to
             [-1, 1]. `eval_preprocess`: the same for evaluation.
@@ -167,6 +177,14 @@ def build_data(
         manual_dir=_within(data_dir, manual_dir),
     )
     examples, num_examples = _training_examples(dataset, random_access, where)
+
+    def eval_examples():
+        return data.load(dataset, eval_split, **where)
+
+    if validation_size:
+        examples, num_examples, eval_examples = _hold_out(
+            examples, num_examples, validation_size, random_access
+        )
     train_kwargs = dict(
         batch_size=plan.batch_size,
         seed=plan.seed,
@@ -185,9 +203,10 @@ def build_data(
         examples=examples,
         num_examples=num_examples,
         train_kwargs=train_kwargs,
-        eval_examples=lambda: data.load(dataset, eval_split, **where),
+        eval_examples=eval_examples,
         eval_batch_size=eval_batch_size,
         eval_preprocess=eval_preprocess,
+        eval_name="validation" if validation_size else eval_split,
     )
 
 
@@ -205,6 +224,23 @@ def _training_examples(dataset, random_access, where):
     if num_examples < 0:
         num_examples = sum(1 for _ in examples)
     return examples, num_examples
+
+
+def _hold_out(examples, num_examples, validation_size, random_access):
+    """The training examples but the last `validation_size`, and those."""
+    validation_size = int(validation_size)
+    if random_access:
+        raise ValueError(
+            "validation_size needs the training set in memory "
+            "(random_access=False)."
+        )
+    if not 0 < validation_size < num_examples:
+        raise ValueError(
+            f"validation_size must be in (0, {num_examples}), got "
+            f"{validation_size}."
+        )
+    kept = num_examples - validation_size
+    return examples.take(kept), kept, lambda: examples.skip(kept)
 
 
 def _within(data_dir, path):

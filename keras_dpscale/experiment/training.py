@@ -111,15 +111,17 @@ def evaluate(model, inputs):
         inputs: the run's `Inputs` (evaluation split, B, N, delta).
 
     Returns:
-        A dict: test accuracy, epsilon at the plan's delta, sigma, the
-        steps in the ledger, B, N, the sampling and the privacy statement.
+        A dict: the accuracy on the evaluation split (`test_accuracy`, or
+        `validation_accuracy` on a split held out of the training set),
+        epsilon at the plan's delta, sigma, the steps in the ledger, B, N,
+        the sampling and the privacy statement.
     """
     delta = inputs.plan.target_delta
     ledger = model.privacy_ledger()
     test = inputs.eval_dataset()
     accuracy = model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
     return {
-        "test_accuracy": float(accuracy),
+        f"{inputs.eval_name}_accuracy": float(accuracy),
         "epsilon": float(model.epsilon(delta)),
         "delta": delta,
         "noise_multiplier": float(model.optimizer.noise_multiplier),

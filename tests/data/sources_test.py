@@ -83,6 +83,19 @@ def test_image_folder_directory_and_tarball(tmp_path, as_tarball):
     assert x[y == 1].mean() > x[y == 0].mean() + 30
 
 
+def test_prepared_tfds_data_comes_before_the_image_folder(
+    tmp_path, monkeypatch
+):
+    # The real dataset (prepared by tfds) wins over the lossy JPEG copy.
+    make_image_folder(tmp_path / "tree")
+    real = tf.data.Dataset.from_tensor_slices(
+        (np.zeros([2, 6, 6, 3], np.uint8), np.zeros([2], np.int64))
+    )
+    monkeypatch.setattr(sources, "_from_tfds", lambda *args: real)
+    got = data.load("cifar10", "train", image_folder=str(tmp_path / "tree"))
+    assert got is real
+
+
 def test_missing_data_lists_what_was_tried(tmp_path):
     with pytest.raises(data.DataNotFoundError) as error:
         data.load(

@@ -237,6 +237,9 @@ def test_every_config_parses(clean_gin):
     names = config_names()
     assert {
         "fashion_mnist.gin",
+        "fashion_mnist_eps1.gin",
+        "fashion_mnist_eps2.gin",
+        "fashion_mnist_eps8.gin",
         "smoke.gin",
         "cifar10_wrn_base.gin",
         "cifar10_wrn_16_4_eps1.gin",
@@ -275,6 +278,58 @@ def bound(text):
         for line in text.splitlines()
         if " = " in line and not line.startswith("#")
     ]
+
+
+def test_privacy_utility_configs_differ_from_the_main_job_in_epsilon_only(
+    clean_gin,
+):
+    experiment.parse_config([os.path.join(CONFIGS, "fashion_mnist.gin")])
+    main_text = open(os.path.join(CONFIGS, "fashion_mnist.gin")).read()
+    main = {key: gin.query_parameter(key) for key in bound(main_text)}
+    assert main["build_optimizer.target_epsilon"] == 3.0
+    for epsilon in (1, 2, 8):
+        name = f"fashion_mnist_eps{epsilon}.gin"
+        text = open(os.path.join(CONFIGS, name)).read()
+        assert 'include "configs/fashion_mnist.gin"' in text
+        assert bound(text) == ["build_optimizer.target_epsilon"], name
+        gin.clear_config()
+        experiment.parse_config([os.path.join(CONFIGS, name)])
+        for key, value in main.items():
+            want = float(epsilon) if key.endswith("target_epsilon") else value
+            assert gin.query_parameter(key) == want, (name, key)
+
+
+def test_validation_size_holds_out_the_last_training_examples(
+    tmp_path, clean_gin
+):
+    make_image_folder(tmp_path / "images")
+    plan = experiment.Plan(batch_size=8, epochs=1)
+    full = experiment.build_data(
+        plan, str(tmp_path), dataset="tiny", image_folder="images"
+    )
+    held = experiment.build_data(
+        plan,
+        str(tmp_path),
+        dataset="tiny",
+        image_folder="images",
+        validation_size=12,
+    )
+    assert (full.num_examples, held.num_examples) == (32, 20)
+    assert (full.eval_name, held.eval_name) == ("test", "validation")
+    train = [y.numpy() for _, y in full.examples]
+    assert [y.numpy() for _, y in held.examples] == train[:20]
+    assert [y.numpy() for _, y in held.eval_examples()] == train[20:]
+    # The accountant's N is the smaller one.
+    optimizer = experiment.build_optimizer(plan, held.num_examples)
+    assert optimizer.num_examples == 20
+    with pytest.raises(ValueError, match="validation_size"):
+        experiment.build_data(
+            plan,
+            str(tmp_path),
+            dataset="tiny",
+            image_folder="images",
+            validation_size=32,
+        )
 
 
 def test_cifar_configs_share_a_base_and_differ_in_what_differs(clean_gin):
