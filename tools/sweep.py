@@ -443,6 +443,16 @@ def run_all(runs, data_dir=None, train_flags=(), out=sys.stdout):
 # Collecting and reporting ----------------------------------------------------
 
 _SEED_SUFFIX = re.compile(r"_seed-(-?\d+)$")
+# What the table takes from each run's result.json, besides the accuracy.
+RESULT_FIELDS = (
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "steps",
+    "batch_size",
+    "num_examples",
+    "seconds",
+)
 
 
 def read_result(model_dir):
@@ -481,18 +491,7 @@ def read_result(model_dir):
         "seed": seed,
         "split": keys[0][: -len("_accuracy")],
         "accuracy": float(result[keys[0]]),
-        **{
-            k: result.get(k)
-            for k in (
-                "epsilon",
-                "delta",
-                "noise_multiplier",
-                "steps",
-                "batch_size",
-                "num_examples",
-                "seconds",
-            )
-        },
+        **{k: result.get(k) for k in RESULT_FIELDS},
     }
 
 
@@ -551,15 +550,7 @@ def aggregate(records):
             "runs": len(group),
             "names": [r["run"] for r in group],
         }
-        for key in (
-            "epsilon",
-            "delta",
-            "noise_multiplier",
-            "steps",
-            "batch_size",
-            "num_examples",
-            "seconds",
-        ):
+        for key in RESULT_FIELDS:
             row[key] = _mean([r[key] for r in group])
         rows.append(row)
     rows.sort(key=lambda row: -row["accuracy"])
@@ -632,13 +623,7 @@ CSV_COLUMNS = [
     "accuracy",
     "accuracy_std",
     "runs",
-    "epsilon",
-    "delta",
-    "noise_multiplier",
-    "steps",
-    "batch_size",
-    "num_examples",
-    "seconds",
+    *RESULT_FIELDS,
     "names",
 ]
 
