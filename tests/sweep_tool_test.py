@@ -97,6 +97,27 @@ def test_plan_runs_bindings_seeds_and_model_dirs(tmp_path):
     ]
 
 
+def test_a_model_dir_of_other_settings_is_not_touched(tmp_path):
+    config = tmp_path / "base.gin"
+    config.write_text("train_and_evaluate.epochs = 15\n")
+    (run,) = sweep.plan_runs(
+        str(tmp_path / "sweep"), [str(config)], [], [], 10000
+    )
+    # A directory with files but no sweep_point.json (a run made by hand).
+    os.makedirs(run.model_dir)
+    (tmp_path / "sweep" / run.name / "result.json").write_text("{}")
+    status, message = sweep.run_one(run)
+    assert status == "failed" and "no sweep_point.json" in message
+    # A finished run of this config; then the config is edited.
+    os.remove(os.path.join(run.model_dir, "result.json"))
+    with open(os.path.join(run.model_dir, "sweep_point.json"), "w") as f:
+        json.dump(run.record(), f)
+    config.write_text("train_and_evaluate.epochs = 30\n")
+    status, message = sweep.run_one(run)
+    assert status == "failed" and "edited since" in message
+    assert os.listdir(run.model_dir) == ["sweep_point.json"]  # untouched
+
+
 def test_test_set_warning_and_dry_list(tmp_path):
     out = run(
         f"--config={SMOKE}",

@@ -160,18 +160,20 @@ run_cifar() {  # run_cifar NAME LIMIT STRATEGY BINDINGS...
 
 if [ "$QUICK" = 1 ] || [ -f "$DATA_DIR/cifar10-jpeg.tar.gz" ]; then
   run_cifar "CIFAR-10 $RUN_MODEL DP run" "$RUN_S" default "${CONFIG_BINDINGS[@]}"
-  # The full recipe's wall time on this device, from the run's last epoch's
-  # time per step (tools/recipe_time.py).
-  STEP=$(tr '\r' '\n' <"$SCRATCH/default.log" | sed 's/\x1b\[[0-9;]*m//g' \
+  # The full recipe's wall time on this device, from the run's last epoch:
+  # its seconds over its steps (Keras rounds s/step to whole seconds).
+  EPOCH=$(tr '\r' '\n' <"$SCRATCH/default.log" | sed 's/\x1b\[[0-9;]*m//g' \
     | grep -E " - epsilon: " | tail -n 1 \
-    | sed -nE 's/.* ([0-9.]+)(m?s)\/step.*/\1 \2/p')
-  if [ -n "$STEP" ]; then
-    read -r value unit <<<"$STEP"
-    [ "$unit" = ms ] && value=$(awk "BEGIN {print $value / 1000}")
+    | sed -nE 's#^ *([0-9]+)/[0-9]+ .* ([0-9]+)s [0-9.]+[mu]?s/step.*#\2 \1#p')
+  if [ -n "$EPOCH" ]; then
+    read -r seconds steps <<<"$EPOCH"
+    value=$(awk "BEGIN {print $seconds / $steps}")
     echo "device_check: full recipe from $RUN_MODEL at $value s/step ($RUN_BATCH x $RUN_AUGMULT views):"
     "$PY" tools/recipe_time.py --config configs/cifar10_wrn_16_4_eps8.gin \
       --seconds_per_step "$value" --measured_batch "$RUN_BATCH" \
-      --measured_augmult "$RUN_AUGMULT" 2>/dev/null | sed "s/^/device_check: /"
+      --measured_augmult "$RUN_AUGMULT" | sed "s/^/device_check: /" || STATUS=1
+  else
+    echo "device_check: no time per step in the CIFAR-10 run's output: no estimate"
   fi
   run_cifar "CIFAR-10 $RUN_MODEL DP run, mirrored" "$MIRRORED_S" mirrored \
     "${MIRRORED_BINDINGS[@]}"

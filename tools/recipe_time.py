@@ -56,18 +56,17 @@ def recipe(num_examples=None):
         num_examples: N; default: `NUM_EXAMPLES` of the config's dataset.
 
     Returns:
-        A dict: steps (logical), batch_size, augmult, accumulation_steps,
-        num_examples, dataset.
+        A dict: steps (logical), batch_size, augmult, num_examples,
+        dataset.
     """
+    import inspect
+
     import gin
 
     from keras_dpscale import experiment
 
-    plan = {
-        "batch_size": 1024,
-        "epochs": 20,
-        "accumulation_steps": 1,
-    }
+    defaults = inspect.signature(experiment.train_and_evaluate).parameters
+    plan = {k: defaults[k].default for k in ("batch_size", "epochs")}
     plan.update(
         {
             k: v
@@ -91,7 +90,6 @@ def recipe(num_examples=None):
         "steps": steps,
         "batch_size": plan["batch_size"],
         "augmult": data.get("augmult") or 1,
-        "accumulation_steps": plan["accumulation_steps"],
     }
 
 

@@ -45,6 +45,7 @@ import ast
 import csv
 import dataclasses
 import glob
+import hashlib
 import itertools
 import json
 import math
@@ -273,8 +274,19 @@ class Run:
             "point": {k: display(k, v) for k, v in self.point.items()},
             "seed": self.seed,
             "configs": self.configs,
+            "config_sha256": [_sha256(c) for c in self.configs],
             "bindings": self.bindings,
         }
+
+
+def _sha256(path):
+    """The SHA-256 of a file's content ("" if it cannot be read): a config
+    edited since a run was made makes another run."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return ""
 
 
 def display(name, value):
@@ -371,21 +383,26 @@ def run_one(run, data_dir=None, train_flags=(), env=None):
     """
     os.makedirs(run.model_dir, exist_ok=True)
     point_file = os.path.join(run.model_dir, POINT_FILE)
+    record = run.record()
     if os.path.exists(point_file):
         with open(point_file) as f:
             before = json.load(f)
-        if (before.get("configs"), before.get("bindings")) != (
-            run.configs,
-            run.bindings,
-        ):
+        keys = ("configs", "config_sha256", "bindings")
+        if [before.get(k) for k in keys] != [record[k] for k in keys]:
             return "failed", (
-                f"{run.model_dir} holds a run of other settings "
-                f"({POINT_FILE}); not touched: use another --sweep_dir"
+                f"{run.model_dir} holds a run of other settings or of "
+                f"configs edited since ({POINT_FILE}); not touched: use "
+                "another --sweep_dir"
             )
+    elif os.listdir(run.model_dir):
+        return "failed", (
+            f"{run.model_dir} holds files but no {POINT_FILE} (a run not "
+            "made by this tool?); not touched: use another --sweep_dir"
+        )
     if os.path.exists(os.path.join(run.model_dir, RESULT_FILE)):
         return "done before", summary(run.model_dir)
     with open(point_file, "w") as f:
-        json.dump(run.record(), f, indent=2)
+        json.dump(record, f, indent=2)
     if env is None:
         path = os.environ.get("PYTHONPATH")
         env = {
@@ -755,6 +772,12 @@ def main(argv):
     bound += [name for name, _ in axes]
     if VALIDATION_BINDING in bound:
         sys.exit(f"sweep.py: set {VALIDATION_BINDING} by --validation_size")
+    for flag in FLAGS.train_flag:
+        if re.match(r"--?(gin_bindings|config|model_dir)\b", flag):
+            sys.exit(
+                f"sweep.py: --train_flag={flag}: give it to sweep.py "
+                "(--gin_bindings, --config), which records it per run"
+            )
     if seeds and SEED_BINDING in bound:
         sys.exit(f"sweep.py: --seeds and {SEED_BINDING} both given")
     if FLAGS.axis_configs:

@@ -191,6 +191,7 @@ def _build_data(plan, data_dir, scratch):
     random_access = gin.get_bindings("build_data").get("random_access")
     with gin.unlock_config():
         gin.bind_parameter("build_data.image_folder", root)
+        gin.bind_parameter("build_data.source", "image_folder")
         gin.bind_parameter("build_data.random_access", False)
         gin.bind_parameter("build_data.eval_split", "test")
     inputs = experiment.build_data(plan, data_dir)

@@ -141,13 +141,19 @@ def _from_debian(name, split):
     return tf.data.Dataset.from_tensor_slices((images, labels))
 
 
-def load(
+def load(name, split="train", **kwargs):
+    """`load_with_source(...)`'s dataset alone (see there)."""
+    return load_with_source(name, split, **kwargs)[0]
+
+
+def load_with_source(
     name,
     split="train",
     data_dir=None,
     manual_dir=None,
     image_folder=None,
     cache_dir=CACHE,
+    source=None,
 ):
     """The `(image, label)` examples of a dataset split, from the first source
     that works (see the module docstring).
@@ -160,9 +166,13 @@ def load(
         manual_dir: directory holding the dataset's archives for tfds.
         image_folder: an ImageFolder directory or `.tar.gz`.
         cache_dir: where tarballs are extracted.
+        source: try this source only ("tfds", "image_folder" or
+            "debian"): e.g. the one the training split came from, so that
+            a run's splits never come from two sources.
 
     Returns:
-        An unbatched `tf.data.Dataset` of `(uint8 image, int64 label)`.
+        `(dataset, source)`: an unbatched `tf.data.Dataset` of `(uint8
+        image, int64 label)` and the name of the source it came from.
 
     Raises:
         DataNotFoundError: no source worked; the message lists them.
@@ -170,6 +180,7 @@ def load(
     attempts = []
     sources = [
         (
+            "tfds",
             f"tfds '{name}' (data_dir={data_dir}, manual_dir={manual_dir})",
             lambda: _from_tfds(name, split, data_dir, manual_dir),
         )
@@ -177,19 +188,28 @@ def load(
     if image_folder:
         sources.append(
             (
+                "image_folder",
                 f"ImageFolder {image_folder}",
                 lambda: _from_image_folder(image_folder, split, cache_dir),
             )
         )
     sources.append(
         (
+            "debian",
             f"Debian package files in {DEBIAN_FASHION_MNIST}",
             lambda: _from_debian(name, split),
         )
     )
-    for description, source in sources:
+    if source is not None:
+        sources = [s for s in sources if s[0] == source]
+        if not sources:
+            raise DataNotFoundError(
+                f"No source {source!r} for '{name}' split '{split}' (is "
+                "image_folder given?)."
+            )
+    for kind, description, read in sources:
         try:
-            return source()
+            return read(), kind
         except Exception as e:  # noqa: BLE001 -- reported below
             attempts.append(f"- {description}: {type(e).__name__}: {e}")
     raise DataNotFoundError(

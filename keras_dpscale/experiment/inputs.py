@@ -19,6 +19,7 @@ import gin
 from keras_dpscale import data
 from keras_dpscale import sampling as sampling_lib
 from keras_dpscale.data import imagenet
+from keras_dpscale.data import sources
 from keras_dpscale.experiment.plan import Plan
 
 DATA_DIR_ENV = "KERAS_DPSCALE_DATA_DIR"
@@ -57,8 +58,11 @@ class Inputs:
         eval_examples: a function returning the unbatched eval examples.
         eval_batch_size: the evaluation batch size.
         eval_preprocess: per-example preprocessing of evaluation images.
-        eval_name: what the evaluation reads: the eval split's name
-            ("test") or "validation" (held out from the training set).
+        eval_name: what the evaluation reads: "test" (the eval split,
+            whatever tfds calls it: ImageNet's is "validation") or
+            "validation" (examples held out of the training set).
+        source: where the examples came from: "tfds", "image_folder" or
+            "debian" (`data.sources.load_with_source`).
     """
 
     plan: Plan
@@ -69,6 +73,7 @@ class Inputs:
     eval_batch_size: int = 1000
     eval_preprocess: Any = None
     eval_name: str = "test"
+    source: str = None
 
     @property
     def steps_per_epoch(self):
@@ -133,6 +138,7 @@ def build_data(
     random_access=False,
     eval_split="test",
     validation_size=None,
+    source=None,
     preprocess=None,
     eval_preprocess=None,
     augment=None,
@@ -154,15 +160,21 @@ def build_data(
             holding it in memory (Poisson sampling only).
         eval_split: the split evaluated at the end.
         validation_size: hold out the last `validation_size` training
-            examples (a fixed, public split): the run trains on the others
+            examples (which ones depends on no data; the examples
+            themselves are private): the run trains on the others
             (N shrinks, and the accountant counts the smaller N) and is
             evaluated on them instead of `eval_split`. For tuning: the test
             set is then never read (`tools/sweep.py`).
+        source: read the data from this source only ("tfds",
+            "image_folder", "debian"; `data.sources.load_with_source`);
+            None: the first that works for the training split. The
+            evaluation split always comes from the training split's source.
         preprocess: per-example preprocessing of training images (e.g.
             `imagenet_preprocess` with `train=True`); default: scaling to
             [-1, 1]. `eval_preprocess`: the same for evaluation.
         augment: the augmentation of the augmult views (default: mirror
-            padded crops and flips; `imagenet_augmult_crops()` for ImageNet).
+            padded crops and flips, `@random_crop_flip` to bind its
+            padding; `imagenet_augmult_crops()` for ImageNet).
         augmult: K views per example (augmentation multiplicity), or None.
         overflow_probability: Poisson padding bound (see `data.poisson`).
         eval_batch_size: evaluation batch size.
@@ -176,10 +188,12 @@ def build_data(
         image_folder=_within(data_dir, image_folder),
         manual_dir=_within(data_dir, manual_dir),
     )
-    examples, num_examples = _training_examples(dataset, random_access, where)
+    examples, num_examples, source = _training_examples(
+        dataset, random_access, where, source
+    )
 
-    def eval_examples():
-        return data.load(dataset, eval_split, **where)
+    def eval_examples():  # from the training split's source, never another
+        return data.load(dataset, eval_split, source=source, **where)
 
     if validation_size:
         examples, num_examples, eval_examples = _hold_out(
@@ -206,29 +220,36 @@ def build_data(
         eval_examples=eval_examples,
         eval_batch_size=eval_batch_size,
         eval_preprocess=eval_preprocess,
-        eval_name="validation" if validation_size else eval_split,
+        eval_name="validation" if validation_size else "test",
+        source=source,
     )
 
 
-def _training_examples(dataset, random_access, where):
-    """The training split and its size N, in memory or by index."""
+def _training_examples(dataset, random_access, where, source=None):
+    """The training split, its size N and its source, in memory or by
+    index."""
     if random_access:  # read by index (tfds ArrayRecord data; ImageNet)
         import tensorflow_datasets as tfds
 
         examples = tfds.data_source(
             dataset, split="train", data_dir=where["data_dir"]
         )
-        return examples, len(examples)
-    examples = data.load(dataset, "train", **where)
+        return examples, len(examples), "tfds"
+    examples, source = sources.load_with_source(
+        dataset, "train", source=source, **where
+    )
     num_examples = int(examples.cardinality())
     if num_examples < 0:
         num_examples = sum(1 for _ in examples)
-    return examples, num_examples
+    return examples, num_examples, source
 
 
 def _hold_out(examples, num_examples, validation_size, random_access):
     """The training examples but the last `validation_size`, and those."""
-    validation_size = int(validation_size)
+    if not isinstance(validation_size, int):
+        raise ValueError(
+            f"validation_size must be an int, got {validation_size!r}."
+        )
     if random_access:
         raise ValueError(
             "validation_size needs the training set in memory "

@@ -111,10 +111,11 @@ def evaluate(model, inputs):
         inputs: the run's `Inputs` (evaluation split, B, N, delta).
 
     Returns:
-        A dict: the accuracy on the evaluation split (`test_accuracy`, or
-        `validation_accuracy` on a split held out of the training set),
+        A dict: the accuracy on the evaluation split (`test_accuracy`,
+        whatever the split's tfds name), or on the examples held out of
+        the training set (`validation_accuracy`),
         epsilon at the plan's delta, sigma, the steps in the ledger, B, N,
-        the sampling and the privacy statement.
+        the sampling, the data's source and the privacy statement.
     """
     delta = inputs.plan.target_delta
     ledger = model.privacy_ledger()
@@ -129,6 +130,7 @@ def evaluate(model, inputs):
         "batch_size": inputs.plan.batch_size,
         "num_examples": inputs.num_examples,
         "sampling": ", ".join(sorted({s.sampling for s in ledger})),
+        "data_source": inputs.source,
         "privacy_statement": model.privacy_statement(delta),
     }
 

@@ -96,6 +96,25 @@ def test_prepared_tfds_data_comes_before_the_image_folder(
     assert got is real
 
 
+def test_a_source_can_be_forced(tmp_path, monkeypatch):
+    # The evaluation split is read from the training split's source: a
+    # forced source is the only one tried.
+    make_image_folder(tmp_path / "tree")
+    monkeypatch.setattr(
+        sources, "_from_tfds", lambda *args: pytest.fail("tfds was tried")
+    )
+    ds, source = sources.load_with_source(
+        "cifar10",
+        "train",
+        image_folder=str(tmp_path / "tree"),
+        cache_dir=str(tmp_path / "c"),
+        source="image_folder",
+    )
+    assert source == "image_folder" and int(ds.cardinality()) == 6
+    with pytest.raises(data.DataNotFoundError, match="No source 'image_"):
+        sources.load_with_source("cifar10", source="image_folder")
+
+
 def test_missing_data_lists_what_was_tried(tmp_path):
     with pytest.raises(data.DataNotFoundError) as error:
         data.load(

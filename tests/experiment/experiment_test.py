@@ -104,6 +104,7 @@ def test_train_py_runs_a_config_end_to_end(tmp_path, monkeypatch, clean_gin):
     assert 0 < result["epsilon"] <= 3.0 + 1e-9  # smoke.gin's target
     assert 0.0 <= result["test_accuracy"] <= 1.0
     assert result["sampling"] == "poisson"
+    assert result["data_source"] == "image_folder"
     operative = (model_dir / "operative_config.gin").read_text()
     assert "train_and_evaluate.batch_size = 8" in operative
     assert "build_model.model = @tiny_cnn" in operative
@@ -316,6 +317,7 @@ def test_validation_size_holds_out_the_last_training_examples(
     )
     assert (full.num_examples, held.num_examples) == (32, 20)
     assert (full.eval_name, held.eval_name) == ("test", "validation")
+    assert full.source == held.source == "image_folder"
     train = [y.numpy() for _, y in full.examples]
     assert [y.numpy() for _, y in held.examples] == train[:20]
     assert [y.numpy() for _, y in held.eval_examples()] == train[20:]
