@@ -443,7 +443,13 @@ def test_a_gs_model_dir_trains_resumes_and_leaves_no_local_folder(
     assert sorted(os.listdir(tmp_path)) == ["d", "factories"]
 
 
-def test_an_unwritable_model_dir_fails_before_training(tmp_path, clean_gin):
+def test_an_unwritable_model_dir_fails_before_training(
+    tmp_path, monkeypatch, clean_gin
+):
+    # TINY imports tiny_factories: importable here, whatever ran before.
+    (tmp_path / "factories").mkdir()
+    (tmp_path / "factories" / "tiny_factories.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path / "factories"))
     experiment.parse_config([SMOKE], TINY)
     with pytest.raises(OSError, match="model_dir '/proc/forbidden/run'"):
         # The data directory does not exist: the model_dir is checked first.
