@@ -321,9 +321,24 @@ def test_validation_size_holds_out_the_last_training_examples(
     train = [y.numpy() for _, y in full.examples]
     assert [y.numpy() for _, y in held.examples] == train[:20]
     assert [y.numpy() for _, y in held.eval_examples()] == train[20:]
-    # The accountant's N is the smaller one.
+    # The accountant's N is the smaller one, and the Poisson pipeline samples
+    # from those 20 examples only: its rate is B / 20.
     optimizer = experiment.build_optimizer(plan, held.num_examples)
     assert optimizer.num_examples == 20
+    train = held.train_dataset(tf.distribute.get_strategy())
+    assert kd.sampling.of(train).num_examples == 20
+    # An optimizer told N = 32 (the rate a held-out run does not have, an
+    # under-counted epsilon) is refused before any step.
+    model = kd.DPSequential(
+        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
+    model.compile(
+        optimizer=experiment.build_optimizer(plan, full.num_examples),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    with pytest.raises(ValueError, match="num_examples"):
+        model.fit(train, verbose=0)
+    assert int(model.optimizer.iterations) == 0
     with pytest.raises(ValueError, match="validation_size"):
         experiment.build_data(
             plan,
