@@ -106,6 +106,7 @@ TINY = {
     "nfnet": dict(
         width=1 / 16, group_size=8, depth=(1, 1, 1, 1), input_shape=(16, 16, 3)
     ),
+    "scatternet_linear": dict(input_shape=(4, 4, 9), groups=3),
 }
 
 

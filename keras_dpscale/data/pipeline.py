@@ -11,6 +11,7 @@ Deterministic under `seed`; `input_context` (from
 and gives each replica its share of the batch.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from keras_dpscale import sampling as sampling_lib
@@ -18,8 +19,58 @@ from keras_dpscale.data import augment as augment_lib
 
 
 def normalize(images, mean=0.5, std=0.5):
-    """uint8 `[0, 255]` images to float32 `(x / 255 - mean) / std`."""
+    """uint8 `[0, 255]` images to float32 `(x / 255 - mean) / std`.
+
+    Float inputs are taken as the model's inputs already (features computed
+    once by a fixed map, `experiment.build_data(features=...)`): returned
+    as float32, unchanged.
+    """
+    if images.dtype != tf.uint8:
+        if not images.dtype.is_floating:
+            raise ValueError(
+                f"normalize takes uint8 images or float features, got "
+                f"{images.dtype.name}."
+            )
+        return tf.cast(images, tf.float32)
     return (tf.cast(images, tf.float32) / 255.0 - mean) / std
+
+
+def featurize(examples, features, batch_size=1000):
+    """Maps every image once through a fixed feature map, in memory.
+
+    For models trained on hand-crafted features (`layers.Scattering2D`,
+    Tramer & Boneh 2021): the map must not depend on the data (it is public
+    and fixed, like the normalization before it: the user's claim, as for
+    pre-trained weights). It is applied to each example alone (a batch of
+    one under `tf.vectorized_map`, which computes what a loop over the
+    examples would), so a map that mixes the examples of a batch (a batch
+    mean, a batch normalization) cannot make one example's features depend
+    on another. Computing the features once, instead of in every DP step,
+    makes the step cost that of the small model on top.
+
+    Args:
+        examples: a `tf.data.Dataset` of `(uint8 image, label)`.
+        features: a function (such as a Keras layer without weights) from a
+            batch of normalized images `[n, H, W, C]` to `[n, ...]` float
+            features.
+        batch_size: images per call of `features`.
+
+    Returns:
+        A `tf.data.Dataset` of `(float32 features, label)`, in memory, in
+        the order of `examples`; `normalize` passes the features through.
+    """
+
+    def one(image):  # a batch of one: the map cannot mix examples
+        return features(normalize(image)[None])[0]
+
+    mapped = tf.function(lambda x: tf.vectorized_map(one, x), jit_compile=True)
+    xs, ys = [], []
+    for images, labels in examples.batch(batch_size):
+        xs.append(mapped(images).numpy())
+        ys.append(labels.numpy())
+    return tf.data.Dataset.from_tensor_slices(
+        (np.concatenate(xs).astype(np.float32), np.concatenate(ys))
+    )
 
 
 def shuffled_dataset(

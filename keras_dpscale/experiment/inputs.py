@@ -17,6 +17,7 @@ from typing import Callable
 import gin
 
 from keras_dpscale import data
+from keras_dpscale import layers
 from keras_dpscale import sampling as sampling_lib
 from keras_dpscale.data import imagenet
 from keras_dpscale.data import sources
@@ -31,6 +32,7 @@ REPOSITORY = os.path.dirname(
 gin.external_configurable(imagenet.preprocess, "imagenet_preprocess")
 gin.external_configurable(imagenet.augmult_crops, "imagenet_augmult_crops")
 gin.external_configurable(data.random_crop_flip, "random_crop_flip")
+gin.external_configurable(layers.Scattering2D, module="keras_dpscale.layers")
 
 
 def default_data_dir():
@@ -141,6 +143,7 @@ def build_data(
     source=None,
     preprocess=None,
     eval_preprocess=None,
+    features=None,
     augment=None,
     augmult=None,
     overflow_probability=1e-18,
@@ -172,6 +175,12 @@ def build_data(
         preprocess: per-example preprocessing of training images (e.g.
             `imagenet_preprocess` with `train=True`); default: scaling to
             [-1, 1]. `eval_preprocess`: the same for evaluation.
+        features: a fixed, data-independent feature map of the normalized
+            images (e.g. `@keras_dpscale.layers.Scattering2D()`), computed
+            once for every training and evaluation example
+            (`data.featurize`); the model then takes the features. In
+            memory only (not with `random_access`, `preprocess` or
+            `augmult`). The exported SavedModel takes the features too.
         augment: the augmentation of the augmult views (default: mirror
             padded crops and flips, `@random_crop_flip` to bind its
             padding; `imagenet_augmult_crops()` for ImageNet).
@@ -199,6 +208,18 @@ def build_data(
         examples, num_examples, eval_examples = _hold_out(
             examples, num_examples, validation_size, random_access
         )
+    if features is not None:
+        if random_access or preprocess or eval_preprocess or augmult:
+            raise ValueError(
+                "features= maps in-memory images once: it does not combine "
+                "with random_access, preprocess, eval_preprocess or augmult."
+            )
+        examples = data.featurize(examples, features)
+        images = eval_examples
+
+        def eval_examples():
+            return data.featurize(images(), features)
+
     train_kwargs = dict(
         batch_size=plan.batch_size,
         seed=plan.seed,

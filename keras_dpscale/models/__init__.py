@@ -5,9 +5,10 @@
     model = keras_dpscale.models.get("vit", lora_rank=8)
 
 Names: `wrn_{depth}_{width}`, `nf_resnet_{depth}`, `nfnet_{variant}` (f0 to
-f6), `tanh_cnn`, `vit` or `vit_{depth}_{width}`, `convnext`. Keyword
-arguments go to the builder (`wide_resnet`, `nf_resnet`, `nfnet`,
-`tanh_cnn`, `vit`, `convnext`).
+f6), `tanh_cnn`, `scatternet_linear` (on scattering features), `vit` or
+`vit_{depth}_{width}`, `convnext`. Keyword arguments go to the builder
+(`wide_resnet`, `nf_resnet`, `nfnet`, `tanh_cnn`, `scatternet_linear`,
+`vit`, `convnext`).
 """
 
 import re
@@ -15,6 +16,7 @@ import re
 from keras_dpscale.models.convnext import convnext
 from keras_dpscale.models.nf_resnet import nf_resnet
 from keras_dpscale.models.nfnet import nfnet
+from keras_dpscale.models.scatternet import scatternet_linear
 from keras_dpscale.models.tanh_cnn import tanh_cnn
 from keras_dpscale.models.vit import vit
 from keras_dpscale.models.wide_resnet import wide_resnet
@@ -28,6 +30,7 @@ _PATTERNS = (
     (r"nf_resnet_(\d+)", lambda d: dict(depth=int(d)), nf_resnet),
     (r"nfnet_(f\d)", lambda v: dict(variant=v.upper()), nfnet),
     (r"tanh_cnn", lambda: {}, tanh_cnn),
+    (r"scatternet_linear", lambda: {}, scatternet_linear),
     (r"vit", lambda: {}, vit),
     (
         r"vit_(\d+)_(\d+)",
@@ -55,7 +58,7 @@ def get(name, **kwargs):
             return builder(**parse(*match.groups()), **kwargs)
     raise ValueError(
         f"Unknown model {name!r}: expected wrn_<depth>_<width>, "
-        "nf_resnet_<depth>, nfnet_f<0-6>, tanh_cnn, vit, "
+        "nf_resnet_<depth>, nfnet_f<0-6>, tanh_cnn, scatternet_linear, vit, "
         "vit_<depth>_<width> or convnext."
     )
 
@@ -65,6 +68,7 @@ __all__ = [
     "get",
     "nf_resnet",
     "nfnet",
+    "scatternet_linear",
     "tanh_cnn",
     "vit",
     "wide_resnet",

@@ -40,3 +40,50 @@ def test_a_logical_batch_never_holds_an_example_twice(batch_size, k):
     for i in range(0, 60, k):
         logical = np.concatenate(labels[i : i + k])
         assert len(set(logical)) == len(logical) == 4, logical
+
+
+def test_normalize_scales_uint8_images_and_passes_float_features():
+    images = tf.constant([[0, 255]], tf.uint8)
+    np.testing.assert_allclose(data.normalize(images).numpy(), [[-1.0, 1.0]])
+    features = tf.constant([[3.5, -7.0]], tf.float64)
+    out = data.normalize(features)
+    assert out.dtype == tf.float32
+    np.testing.assert_allclose(out.numpy(), [[3.5, -7.0]])
+    with pytest.raises(ValueError, match="uint8 images or float"):
+        data.normalize(tf.constant([[1, 2]], tf.int32))
+
+
+def featurized(images, features, batch_size=4):
+    labels = np.arange(len(images))
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    out = list(data.featurize(ds, features, batch_size=batch_size))
+    assert [y.numpy() for _, y in out] == list(labels)  # order kept
+    return np.stack([x.numpy() for x, _ in out])
+
+
+def test_featurize_maps_each_example_alone_even_with_a_mixing_map():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 4, 4, 1)).astype(np.uint8)
+    scale = lambda x: 2.0 * x  # noqa: E731
+    np.testing.assert_allclose(
+        featurized(images, scale),
+        2.0 * data.normalize(images).numpy(),
+        atol=1e-6,
+    )
+
+    # A map that centres a batch on its mean mixes the examples of a batch;
+    # applied to one example at a time it cannot: changing example 1 leaves
+    # every other example's features as they were.
+    def centre(x):
+        return x - tf.reduce_mean(x, axis=0, keepdims=True) + x
+
+    before = featurized(images, centre)
+    changed = images.copy()
+    changed[1] = 255 - changed[1]
+    after = featurized(changed, centre)
+    np.testing.assert_array_equal(
+        np.delete(after, 1, 0), np.delete(before, 1, 0)
+    )
+    np.testing.assert_allclose(
+        before, data.normalize(images).numpy(), atol=1e-6
+    )

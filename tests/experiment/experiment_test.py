@@ -499,3 +499,55 @@ def test_a_worker_that_is_not_chief_writes_nothing(
     )
     assert result["steps"] == 4
     assert not model_dir.exists()  # no checkpoint, log, config or export
+
+
+def test_features_are_computed_once_per_example_and_trained_on(
+    tmp_path, monkeypatch, clean_gin
+):
+    make_image_folder(tmp_path / "images")
+    plan = experiment.Plan(batch_size=8, epochs=1)
+    scatter = kd.layers.Scattering2D(J=1, L=2)  # [8, 8, 3] -> [4, 4, 9]
+    kwargs = dict(dataset="tiny", image_folder="images")
+    images = experiment.build_data(plan, str(tmp_path), **kwargs)
+    inputs = experiment.build_data(
+        plan, str(tmp_path), features=scatter, validation_size=12, **kwargs
+    )
+    raw = np.stack([x.numpy() for x, _ in images.examples])
+    want = scatter(kd.data.normalize(tf.constant(raw))).numpy()
+    got = np.stack([x.numpy() for x, _ in inputs.examples])
+    assert got.shape == (20, 4, 4, 9) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want[:20], atol=1e-5)
+    held = np.stack([x.numpy() for x, _ in inputs.eval_examples()])
+    np.testing.assert_allclose(held, want[20:], atol=1e-5)
+    # The Poisson batches carry the features as they are (not rescaled
+    # as uint8 images would be), sampled from the 20 kept examples.
+    train = inputs.train_dataset(tf.distribute.get_strategy())
+    assert kd.sampling.of(train).num_examples == 20
+    x, _, extra = next(iter(train))
+    rows = x.numpy()[extra["dp_mask"].numpy() > 0]
+    assert len(rows) and all(
+        np.abs(want[:20] - row).max(axis=(1, 2, 3)).min() < 1e-5 for row in rows
+    )
+    # The launcher trains the ScatterNet model on them.
+    (tmp_path / "d").mkdir()
+    os.rename(tmp_path / "images", tmp_path / "d" / "images")
+    (tmp_path / "factories").mkdir()
+    (tmp_path / "factories" / "tiny_factories.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path / "factories"))
+    result = tiny_run(
+        tmp_path,
+        monkeypatch,
+        str(tmp_path / "run"),
+        "build_data.features = @keras_dpscale.layers.Scattering2D()",
+        "keras_dpscale.layers.Scattering2D.J = 1",
+        "keras_dpscale.layers.Scattering2D.L = 2",
+        'build_model.model = "scatternet_linear"',
+        "build_model.model_kwargs = "
+        "{'num_classes': 2, 'input_shape': (4, 4, 9), 'groups': 3}",
+        "run.export = False",
+    )
+    assert result["steps"] == 8 and 0 <= result["test_accuracy"] <= 1
+    with pytest.raises(ValueError, match="augmult"):
+        experiment.build_data(
+            plan, str(tmp_path / "d"), features=scatter, augmult=2, **kwargs
+        )
