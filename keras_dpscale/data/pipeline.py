@@ -22,8 +22,8 @@ def normalize(images, mean=0.5, std=0.5):
     """uint8 `[0, 255]` images to float32 `(x / 255 - mean) / std`.
 
     Float inputs are taken as the model's inputs already (features computed
-    once by a fixed map, `experiment.build_data(features=...)`): returned
-    as float32, unchanged.
+    once by a fixed map, `featurize`): returned as float32, unchanged
+    (`mean` and `std` do not apply). Other dtypes are refused.
     """
     if images.dtype != tf.uint8:
         if not images.dtype.is_floating:
@@ -45,8 +45,13 @@ def featurize(examples, features, batch_size=1000):
     one under `tf.vectorized_map`, which computes what a loop over the
     examples would), so a map that mixes the examples of a batch (a batch
     mean, a batch normalization) cannot make one example's features depend
-    on another. Computing the features once, instead of in every DP step,
-    makes the step cost that of the small model on top.
+    on another. The one way left, state that an example writes and another
+    reads (a variable), is refused: the traced map must not write data of
+    the example into a variable or hand it to Python code (the check of the
+    vectorized clipping engine, `separability.check_no_data_writes`; the
+    XLA compilation refuses Python functions too). Computing the features
+    once, instead of in every DP step, makes the step cost that of the
+    small model on top.
 
     Args:
         examples: a `tf.data.Dataset` of `(uint8 image, label)`.
@@ -58,18 +63,35 @@ def featurize(examples, features, batch_size=1000):
     Returns:
         A `tf.data.Dataset` of `(float32 features, label)`, in memory, in
         the order of `examples`; `normalize` passes the features through.
+
+    Raises:
+        ValueError: the map writes an example's data into state, or
+            `examples` is empty.
     """
 
+    from keras_dpscale.engines import separability
+
     def one(image):  # a batch of one: the map cannot mix examples
-        return features(normalize(image)[None])[0]
+        with separability.Region() as region:
+            out = features(normalize(image)[None])[0]
+        try:
+            separability.check_no_data_writes(region, image)
+        except separability.NotSeparable as e:
+            raise ValueError(
+                "The feature map lets one example reach another through "
+                f"state: {e}. Use a map without state."
+            ) from None
+        return out
 
     mapped = tf.function(lambda x: tf.vectorized_map(one, x), jit_compile=True)
     xs, ys = [], []
     for images, labels in examples.batch(batch_size):
         xs.append(mapped(images).numpy())
         ys.append(labels.numpy())
+    if not xs:
+        raise ValueError("featurize was given no examples.")
     return tf.data.Dataset.from_tensor_slices(
-        (np.concatenate(xs).astype(np.float32), np.concatenate(ys))
+        (np.concatenate(xs).astype(np.float32, copy=False), np.concatenate(ys))
     )
 
 
@@ -89,7 +111,8 @@ def shuffled_dataset(
     """Shuffled, batched, augmented training data (repeats forever).
 
     Args:
-        examples: a `tf.data.Dataset` of `(uint8 image, label)` (`load`).
+        examples: a `tf.data.Dataset` of `(uint8 image, label)` (`load`),
+            or of float features (`featurize`), taken as they are.
         batch_size: global physical batch size.
         num_views: K for augmentation multiplicity; None: one unaugmented
             view and `[b, H, W, C]` batches.

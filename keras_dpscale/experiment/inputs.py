@@ -191,6 +191,13 @@ def build_data(
     Returns:
         The `Inputs` of the run.
     """
+    if features is not None and (
+        random_access or preprocess or eval_preprocess or augmult
+    ):
+        raise ValueError(
+            "features= maps in-memory images once: it does not combine with "
+            "random_access, preprocess, eval_preprocess or augmult."
+        )
     data_dir = data_dir or default_data_dir()
     where = dict(
         data_dir=data_dir,
@@ -209,11 +216,6 @@ def build_data(
             examples, num_examples, validation_size, random_access
         )
     if features is not None:
-        if random_access or preprocess or eval_preprocess or augmult:
-            raise ValueError(
-                "features= maps in-memory images once: it does not combine "
-                "with random_access, preprocess, eval_preprocess or augmult."
-            )
         examples = data.featurize(examples, features)
         images = eval_examples
 

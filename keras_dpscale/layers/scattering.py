@@ -7,8 +7,8 @@ hand-crafted, data-independent features that a linear model separates well,
 so that few weights need noisy training. `Scattering2D` computes the
 coefficients of orders 0, 1 and 2 with Kymatio's Morlet filter bank and
 algorithm (Andreux et al. 2020, BSD-3-Clause; ported here because Kymatio
-0.3 no longer imports with current SciPy): reflect padding to a multiple of
-2^J, convolutions in the Fourier domain, modulus, low-pass averaging by a
+0.3 no longer imports with current SciPy): reflect padding to the next
+multiple of 2^J plus 2^J (28 -> 36), convolutions in the Fourier domain, modulus, low-pass averaging by a
 Gaussian of width 0.8 * 2^(J-1), subsampling by 2^J.
 
 For an `[n, H, W, C]` input the output is `[n, H / 2^J, W / 2^J, C * K]`
@@ -18,9 +18,10 @@ Kymatio's order per channel: order 0, then order 1 by (j1, theta1), then
 order 2 by (j1, theta1, j2, theta2) with j2 > j1.
 
 The layer has no weights and treats every example and channel apart (2-D
-FFTs over the two image axes only), so it may stand in front of the
-trainable layers of a `DPModel`: the separability check traces it like any
-other operation.
+FFTs over the two image axes only). The fast clipping engine has no rule for
+FFTs, so inside a `DPModel` the layer needs the vectorized engine; the
+intended use computes the features once, before training
+(`experiment.build_data(features=Scattering2D())`, `data.featurize`).
 """
 
 import numpy as np
@@ -179,12 +180,17 @@ class Scattering2D(keras.layers.Layer):
             raise ValueError(
                 f"Scattering2D needs static image sizes, got {input_shape}."
             )
-        self._size = padded_size(height, width, self.J)
+        m, n = self._size = padded_size(height, width, self.J)
+        # Reflection repeats no edge pixel: it pads at most size - 1.
+        if (m - height + 1) // 2 >= height or (n - width + 1) // 2 >= width:
+            raise ValueError(
+                f"Scattering2D(J={self.J}) pads {input_shape[1:3]} to "
+                f"{(m, n)} by reflection, which needs a larger image."
+            )
         phi, psi = filter_bank(self._size, self.J, self.L)
         # numpy, made constants in each trace (a tf.function's own graph)
         self._phi = [f.astype(np.complex64) for f in phi]
         self._psi = [[f.astype(np.complex64) for f in p] for p in psi]
-        m, n = self._size
         self._pads = (  # reflect padding of the rows, of the columns
             ((m - height) // 2, (m - height + 1) // 2),
             ((n - width) // 2, (n - width + 1) // 2),

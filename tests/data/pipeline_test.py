@@ -87,3 +87,17 @@ def test_featurize_maps_each_example_alone_even_with_a_mixing_map():
     np.testing.assert_allclose(
         before, data.normalize(images).numpy(), atol=1e-6
     )
+
+
+def test_featurize_refuses_a_map_that_keeps_state():
+    # One example's pixels written into a variable that the next example's
+    # features read: vectorizing alone would not keep them apart.
+    total = tf.Variable(0.0)
+
+    def remember(x):
+        total.assign_add(tf.reduce_sum(x))
+        return x * 0.0 + total.read_value()
+
+    images = np.zeros((4, 2, 2, 1), np.uint8)
+    with pytest.raises(ValueError, match="through state"):
+        featurized(images, remember)

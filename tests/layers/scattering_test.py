@@ -118,3 +118,9 @@ def test_bad_arguments_are_refused():
         layers.Scattering2D(J=0)
     with pytest.raises(ValueError, match="static"):
         layers.Scattering2D(J=2).build((None, None, None, 1))
+
+
+def test_an_image_too_small_to_pad_by_reflection_is_refused():
+    with pytest.raises(ValueError, match="larger image"):
+        layers.Scattering2D(J=3).build((None, 4, 4, 1))
+    layers.Scattering2D(J=1).build((None, 4, 4, 1))  # pads 4 to 8: fine
