@@ -8,11 +8,12 @@ so that few weights need noisy training. `Scattering2D` computes the
 coefficients of orders 0, 1 and 2 with Kymatio's Morlet filter bank and
 algorithm (Andreux et al. 2020, BSD-3-Clause; ported here because Kymatio
 0.3 no longer imports with current SciPy): reflect padding to the next
-multiple of 2^J plus 2^J (28 -> 36), convolutions in the Fourier domain, modulus, low-pass averaging by a
-Gaussian of width 0.8 * 2^(J-1), subsampling by 2^J.
+multiple of 2^J plus 2^J (28 -> 36), convolutions in the Fourier domain,
+modulus, low-pass averaging by a Gaussian of width 0.8 * 2^(J-1),
+subsampling by 2^J.
 
-For an `[n, H, W, C]` input the output is `[n, H / 2^J, W / 2^J, C * K]`
-with K = 1 + J L + L^2 J (J - 1) / 2 coefficients per input channel
+For an `[n, H, W, C]` input the output is `[n, H', W', C * K]`, H' and W'
+being H / 2^J and W / 2^J rounded down, with K = 1 + J L + L^2 J (J - 1) / 2 coefficients per input channel
 (81 for J = 2, L = 8: Fashion-MNIST's 28 x 28 image gives 7 x 7 x 81), in
 Kymatio's order per channel: order 0, then order 1 by (j1, theta1), then
 order 2 by (j1, theta1, j2, theta2) with j2 > j1.
