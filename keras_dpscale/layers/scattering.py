@@ -15,8 +15,9 @@ subsampling by 2^J.
 For an `[n, H, W, C]` input the output is `[n, H', W', C * K]`, H' and W'
 being H / 2^J and W / 2^J rounded down, with K = 1 + J L + L^2 J (J - 1) / 2
 coefficients per input channel (81 for J = 2, L = 8: Fashion-MNIST's 28 x 28
-image gives 7 x 7 x 81), in Kymatio's order per channel: order 0, then order 1 by (j1, theta1), then
-order 2 by (j1, theta1, j2, theta2) with j2 > j1.
+image gives 7 x 7 x 81), in Kymatio's order per channel: order 0, then
+order 1 by (j1, theta1), then order 2 by (j1, theta1, j2, theta2) with
+j2 > j1.
 
 The layer has no weights and treats every example and channel apart (2-D
 FFTs over the two image axes only). The fast clipping engine has no rule for
