@@ -4,7 +4,6 @@ from keras_dpscale.data import imagenet
 from keras_dpscale.data.augment import augmult
 from keras_dpscale.data.augment import random_crop_flip
 from keras_dpscale.data.pipeline import eval_dataset
-from keras_dpscale.data.pipeline import featurize
 from keras_dpscale.data.pipeline import normalize
 from keras_dpscale.data.pipeline import shuffled_dataset
 from keras_dpscale.data.poisson import poisson_dataset
@@ -18,7 +17,6 @@ __all__ = [
     "DataNotFoundError",
     "augmult",
     "eval_dataset",
-    "featurize",
     "imagenet",
     "load",
     "load_arrays",

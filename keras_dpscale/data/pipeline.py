@@ -11,7 +11,6 @@ Deterministic under `seed`; `input_context` (from
 and gives each replica its share of the batch.
 """
 
-import numpy as np
 import tensorflow as tf
 
 from keras_dpscale import sampling as sampling_lib
@@ -22,7 +21,8 @@ def normalize(images, mean=0.5, std=0.5):
     """uint8 `[0, 255]` images to float32 `(x / 255 - mean) / std`.
 
     Float inputs are taken as the model's inputs already (features computed
-    once by a fixed map, `featurize`): returned as float32, unchanged
+    once by a fixed map, `experiment.featurize`): returned as float32,
+    unchanged
     (`mean` and `std` do not apply). Other dtypes are refused.
     """
     if images.dtype != tf.uint8:
@@ -33,66 +33,6 @@ def normalize(images, mean=0.5, std=0.5):
             )
         return tf.cast(images, tf.float32)
     return (tf.cast(images, tf.float32) / 255.0 - mean) / std
-
-
-def featurize(examples, features, batch_size=1000):
-    """Maps every image once through a fixed feature map, in memory.
-
-    For models trained on hand-crafted features (`layers.Scattering2D`,
-    Tramer & Boneh 2021): the map must not depend on the data (it is public
-    and fixed, like the normalization before it: the user's claim, as for
-    pre-trained weights). It is applied to each example alone (a batch of
-    one under `tf.vectorized_map`, which computes what a loop over the
-    examples would), so a map that mixes the examples of a batch (a batch
-    mean, a batch normalization) cannot make one example's features depend
-    on another. The one way left, state that an example writes and another
-    reads (a variable), is refused: the traced map must not write data of
-    the example into a variable or hand it to Python code (the check of the
-    vectorized clipping engine, `separability.check_no_data_writes`; the
-    XLA compilation refuses Python functions too). Computing the features
-    once, instead of in every DP step, makes the step cost that of the
-    small model on top.
-
-    Args:
-        examples: a `tf.data.Dataset` of `(uint8 image, label)`.
-        features: a function (such as a Keras layer without weights) from a
-            batch of normalized images `[n, H, W, C]` to `[n, ...]` float
-            features.
-        batch_size: images per call of `features`.
-
-    Returns:
-        A `tf.data.Dataset` of `(float32 features, label)`, in memory, in
-        the order of `examples`; `normalize` passes the features through.
-
-    Raises:
-        ValueError: the map writes an example's data into state, or
-            `examples` is empty.
-    """
-
-    from keras_dpscale.engines import separability
-
-    def one(image):  # a batch of one: the map cannot mix examples
-        with separability.Region() as region:
-            out = features(normalize(image)[None])[0]
-        try:
-            separability.check_no_data_writes(region, image)
-        except separability.NotSeparable as e:
-            raise ValueError(
-                "The feature map lets one example reach another through "
-                f"state: {e}. Use a map without state."
-            ) from None
-        return out
-
-    mapped = tf.function(lambda x: tf.vectorized_map(one, x), jit_compile=True)
-    xs, ys = [], []
-    for images, labels in examples.batch(batch_size):
-        xs.append(mapped(images).numpy())
-        ys.append(labels.numpy())
-    if not xs:
-        raise ValueError("featurize was given no examples.")
-    return tf.data.Dataset.from_tensor_slices(
-        (np.concatenate(xs).astype(np.float32, copy=False), np.concatenate(ys))
-    )
 
 
 def shuffled_dataset(
@@ -112,7 +52,7 @@ def shuffled_dataset(
 
     Args:
         examples: a `tf.data.Dataset` of `(uint8 image, label)` (`load`),
-            or of float features (`featurize`), taken as they are.
+            or of float features (`experiment.featurize`), taken as they are.
         batch_size: global physical batch size.
         num_views: K for augmentation multiplicity; None: one unaugmented
             view and `[b, H, W, C]` batches.

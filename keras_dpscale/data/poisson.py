@@ -133,7 +133,7 @@ def poisson_dataset(
 
     Args:
         images: `[N, H, W, C]` uint8 array (normalized here), or float
-            features (`pipeline.featurize`), taken as they are.
+            features (`experiment.featurize`), taken as they are.
         labels: `[N]` integer labels.
         batch_size: B, the expected logical batch size (q = B/N).
         seed: the seed of the augmentations (public; not of the sample).

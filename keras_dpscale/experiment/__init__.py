@@ -6,7 +6,8 @@ The launchers (`tools/train.py`, `tools/train_tpu.py`) parse the gin files
 
     train_and_evaluate  the public plan: B, epochs, accumulation, sampling,
                         seed, delta (`Plan`), shared by all the builders
-    build_data          the dataset, its sources, augmult, preprocessing
+    build_data          the dataset, its sources, augmult, preprocessing,
+                        or fixed features (`featurize`)
     build_model         the network: a registered name or any factory
     build_optimizer     DPSGD or DPAdam, learning rate (or schedule), C,
                         sigma or a target epsilon, EMA
@@ -32,6 +33,7 @@ from keras_dpscale.experiment.inputs import REPOSITORY
 from keras_dpscale.experiment.inputs import Inputs
 from keras_dpscale.experiment.inputs import build_data
 from keras_dpscale.experiment.inputs import default_data_dir
+from keras_dpscale.experiment.inputs import featurize
 from keras_dpscale.experiment.model import build_model
 from keras_dpscale.experiment.model import compile_model
 from keras_dpscale.experiment.optimizer import OPTIMIZERS
@@ -122,6 +124,7 @@ __all__ = [
     "compile_model",
     "default_data_dir",
     "evaluate",
+    "featurize",
     "parse_config",
     "run",
     "train_and_evaluate",

@@ -15,12 +15,15 @@ from typing import Any
 from typing import Callable
 
 import gin
+import numpy as np
+import tensorflow as tf
 
 from keras_dpscale import data
 from keras_dpscale import layers
 from keras_dpscale import sampling as sampling_lib
 from keras_dpscale.data import imagenet
 from keras_dpscale.data import sources
+from keras_dpscale.engines import separability
 from keras_dpscale.experiment.plan import Plan
 
 DATA_DIR_ENV = "KERAS_DPSCALE_DATA_DIR"
@@ -178,7 +181,7 @@ def build_data(
         features: a fixed, data-independent feature map of the normalized
             images (e.g. `@keras_dpscale.layers.Scattering2D()`), computed
             once for every training and evaluation example
-            (`data.featurize`); the model then takes the features. In
+            (`featurize`); the model then takes the features. In
             memory only (not with `random_access`, `preprocess` or
             `augmult`). The exported SavedModel takes the features too.
         augment: the augmentation of the augmult views (default: mirror
@@ -216,11 +219,11 @@ def build_data(
             examples, num_examples, validation_size, random_access
         )
     if features is not None:
-        examples = data.featurize(examples, features)
+        examples = featurize(examples, features)
         images = eval_examples
 
         def eval_examples():
-            return data.featurize(images(), features)
+            return featurize(images(), features)
 
     train_kwargs = dict(
         batch_size=plan.batch_size,
@@ -245,6 +248,64 @@ def build_data(
         eval_preprocess=eval_preprocess,
         eval_name="validation" if validation_size else "test",
         source=source,
+    )
+
+
+def featurize(examples, features, batch_size=1000):
+    """Maps every image once through a fixed feature map, in memory.
+
+    For models trained on hand-crafted features (`layers.Scattering2D`,
+    Tramer & Boneh 2021): the map must not depend on the data (it is public
+    and fixed, like the normalization before it: the user's claim, as for
+    pre-trained weights). It is applied to each example alone (a batch of
+    one under `tf.vectorized_map`, which computes what a loop over the
+    examples would), so a map that mixes the examples of a batch (a batch
+    mean, a batch normalization) cannot make one example's features depend
+    on another. The one way left, state that an example writes and another
+    reads (a variable), is refused: the traced map must not write data of
+    the example into a variable or hand it to Python code (the check of the
+    vectorized clipping engine, `separability.check_no_data_writes`; the
+    XLA compilation refuses Python functions too). Computing the features
+    once, instead of in every DP step, makes the step cost that of the
+    small model on top.
+
+    Args:
+        examples: a `tf.data.Dataset` of `(uint8 image, label)`.
+        features: a function (such as a Keras layer without weights) from a
+            batch of normalized images `[n, H, W, C]` to `[n, ...]` float
+            features.
+        batch_size: images per call of `features`.
+
+    Returns:
+        A `tf.data.Dataset` of `(float32 features, label)`, in memory, in
+        the order of `examples`; `data.normalize` passes the features through.
+
+    Raises:
+        ValueError: the map writes an example's data into state, or
+            `examples` is empty.
+    """
+
+    def one(image):  # a batch of one: the map cannot mix examples
+        with separability.Region() as region:
+            out = features(data.normalize(image)[None])[0]
+        try:
+            separability.check_no_data_writes(region, image)
+        except separability.NotSeparable as e:
+            raise ValueError(
+                "The feature map lets one example reach another through "
+                f"state: {e}. Use a map without state."
+            ) from None
+        return out
+
+    mapped = tf.function(lambda x: tf.vectorized_map(one, x), jit_compile=True)
+    xs, ys = [], []
+    for images, labels in examples.batch(batch_size):
+        xs.append(mapped(images).numpy())
+        ys.append(labels.numpy())
+    if not xs:
+        raise ValueError("featurize was given no examples.")
+    return tf.data.Dataset.from_tensor_slices(
+        (np.concatenate(xs).astype(np.float32, copy=False), np.concatenate(ys))
     )
 
 

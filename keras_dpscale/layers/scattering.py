@@ -23,7 +23,7 @@ The layer has no weights and treats every example and channel apart (2-D
 FFTs over the two image axes only). The fast clipping engine has no rule for
 FFTs, so inside a `DPModel` the layer needs the vectorized engine; the
 intended use computes the features once, before training
-(`experiment.build_data(features=Scattering2D())`, `data.featurize`).
+(`experiment.build_data(features=Scattering2D())`, `experiment.featurize`).
 """
 
 import numpy as np

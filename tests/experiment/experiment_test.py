@@ -551,3 +551,53 @@ def test_features_are_computed_once_per_example_and_trained_on(
         experiment.build_data(
             plan, str(tmp_path / "d"), features=scatter, augmult=2, **kwargs
         )
+
+
+def featurized(images, features, batch_size=4):
+    labels = np.arange(len(images))
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    out = list(experiment.featurize(ds, features, batch_size=batch_size))
+    assert [y.numpy() for _, y in out] == list(labels)  # order kept
+    return np.stack([x.numpy() for x, _ in out])
+
+
+def test_featurize_maps_each_example_alone_even_with_a_mixing_map():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 4, 4, 1)).astype(np.uint8)
+    scale = lambda x: 2.0 * x  # noqa: E731
+    np.testing.assert_allclose(
+        featurized(images, scale),
+        2.0 * kd.data.normalize(images).numpy(),
+        atol=1e-6,
+    )
+
+    # A map that centres a batch on its mean mixes the examples of a batch;
+    # applied to one example at a time it cannot: changing example 1 leaves
+    # every other example's features as they were.
+    def centre(x):
+        return x - tf.reduce_mean(x, axis=0, keepdims=True) + x
+
+    before = featurized(images, centre)
+    changed = images.copy()
+    changed[1] = 255 - changed[1]
+    after = featurized(changed, centre)
+    np.testing.assert_array_equal(
+        np.delete(after, 1, 0), np.delete(before, 1, 0)
+    )
+    np.testing.assert_allclose(
+        before, kd.data.normalize(images).numpy(), atol=1e-6
+    )
+
+
+def test_featurize_refuses_a_map_that_keeps_state():
+    # One example's pixels written into a variable that the next example's
+    # features read: vectorizing alone would not keep them apart.
+    total = tf.Variable(0.0)
+
+    def remember(x):
+        total.assign_add(tf.reduce_sum(x))
+        return x * 0.0 + total.read_value()
+
+    images = np.zeros((4, 2, 2, 1), np.uint8)
+    with pytest.raises(ValueError, match="through state"):
+        featurized(images, remember)
