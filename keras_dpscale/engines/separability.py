@@ -1054,3 +1054,32 @@ def check_no_data_writes(region, inputs):
         if op.type in _PYTHON:
             _refuse(op, "hands data of an example to Python code")
         tainted.update(_refs(op.outputs))
+
+
+def call_alone(fn, example, what):
+    """`fn(example)` for one example of a `tf.vectorized_map`, refusing
+    state that would carry the example's data to another one
+    (`check_no_data_writes`).
+
+    Args:
+        fn: the per-example computation.
+        example: its input (one example).
+        what: how the error names `fn`.
+
+    Returns:
+        `fn(example)`.
+
+    Raises:
+        ValueError: `fn` writes data of `example` into a variable or hands
+            it to Python code.
+    """
+    with Region() as region:
+        out = fn(example)
+    try:
+        check_no_data_writes(region, example)
+    except NotSeparable as e:
+        raise ValueError(
+            f"{what} lets one example reach another through state: {e}. "
+            "Remove the operation."
+        ) from None
+    return out

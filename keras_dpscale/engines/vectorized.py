@@ -50,15 +50,9 @@ def per_example_gradients(loss_fn, variables, inputs, microbatch_size=None):
 
     def one_example(example):
         with tf.GradientTape() as tape:
-            with separability.Region() as region:
-                loss, aux = loss_fn(example)
-        try:
-            separability.check_no_data_writes(region, example)
-        except separability.NotSeparable as e:
-            raise ValueError(
-                "The per-example computation lets one example reach another "
-                f"through state: {e}. Remove the operation."
-            ) from None
+            loss, aux = separability.call_alone(
+                loss_fn, example, "The per-example computation"
+            )
         grads = tape.gradient(
             loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )

@@ -264,7 +264,7 @@ def featurize(examples, features, batch_size=1000):
     on another. The one way left, state that an example writes and another
     reads (a variable), is refused: the traced map must not write data of
     the example into a variable or hand it to Python code (the check of the
-    vectorized clipping engine, `separability.check_no_data_writes`; the
+    vectorized clipping engine, `separability.call_alone`; the
     XLA compilation refuses Python functions too). Computing the features
     once, instead of in every DP step, makes the step cost that of the
     small model on top.
@@ -286,16 +286,11 @@ def featurize(examples, features, batch_size=1000):
     """
 
     def one(image):  # a batch of one: the map cannot mix examples
-        with separability.Region() as region:
-            out = features(data.normalize(image)[None])[0]
-        try:
-            separability.check_no_data_writes(region, image)
-        except separability.NotSeparable as e:
-            raise ValueError(
-                "The feature map lets one example reach another through "
-                f"state: {e}. Use a map without state."
-            ) from None
-        return out
+        return separability.call_alone(
+            lambda x: features(data.normalize(x)[None])[0],
+            image,
+            "The feature map",
+        )
 
     mapped = tf.function(lambda x: tf.vectorized_map(one, x), jit_compile=True)
     xs, ys = [], []
