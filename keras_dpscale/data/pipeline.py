@@ -22,8 +22,7 @@ def normalize(images, mean=0.5, std=0.5):
 
     Float inputs are taken as the model's inputs already (features computed
     once by a fixed map, `experiment.featurize`): returned as float32,
-    unchanged
-    (`mean` and `std` do not apply). Other dtypes are refused.
+    unchanged (`mean` and `std` do not apply). Other dtypes are refused.
     """
     if images.dtype != tf.uint8:
         if not images.dtype.is_floating:
