@@ -6,7 +6,9 @@ Keras' `keras.export.ExportArchive` (what `model.export` uses):
 * the endpoint `serve`, also the default serving signature
   (`serving_default`): float32 images `[batch, H, W, C]` (input `images`) to
   class probabilities, the softmax of the model's logits (output
-  `output_0`);
+  `output_0`); for a model trained on a fixed feature map of the images
+  (`features=`, `experiment.build_data(features=...)`), the normalized
+  images, which `serve` maps through the features first;
 * the optimizer's parameter averages (`use_ema=True`) in place of the raw
   weights, by default, when it keeps them;
 * the privacy record (epsilon, delta, sigma, C, steps, batch size, dataset
@@ -143,6 +145,19 @@ def privacy_record(model, delta=None, ema_weights=False):
     }
 
 
+def feature_map_name(features):
+    """What a record calls a fixed feature map: a Keras layer as its class
+    and configuration (`Scattering2D(J=2, L=8)`), else its name."""
+    if isinstance(features, keras.layers.Layer):
+        base = keras.layers.Layer(name="_").get_config()
+        config = {
+            k: v for k, v in features.get_config().items() if k not in base
+        }
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(config.items()))
+        return f"{type(features).__name__}({args})"
+    return getattr(features, "__qualname__", repr(features))
+
+
 def _image_shape(model, input_shape):
     """[H, W, C] of the model's input: given, or from a functional model."""
     if input_shape is not None:
@@ -204,6 +219,7 @@ def export_saved_model(
     delta=None,
     probabilities=True,
     input_shape=None,
+    features=None,
 ):
     """Writes `model` as a SavedModel for serving, with its privacy record.
 
@@ -225,7 +241,13 @@ def export_saved_model(
             `target_delta`.
         probabilities: `serve` returns softmax probabilities (True) or the
             logits (False).
-        input_shape: (H, W, C), for a model without a functional input.
+        input_shape: (H, W, C) of what `serve` takes: for a model without
+            a functional input, and for `features` (the images' shape).
+        features: the fixed feature map of the normalized images that the
+            model was trained on (`experiment.featurize`): `serve` applies
+            it to its images first, and the record names it (`features`,
+            `feature_map_name`). None: `serve` feeds its images to the
+            model as they are.
 
     Returns:
         The privacy record written (see `privacy_record`).
@@ -236,14 +258,22 @@ def export_saved_model(
     """
     _require_ledger(model)
     optimizer = getattr(model, "optimizer", None)
+    if features is not None and input_shape is None:
+        raise ValueError(
+            "export_saved_model with features= needs input_shape=(H, W, C): "
+            "the shape of the images that the feature map takes."
+        )
     shape = _image_shape(model, input_shape)
     pairs = _ema_pairs(optimizer) if use_ema and optimizer else []
     record = privacy_record(model, delta, ema_weights=bool(pairs))
     record["outputs"] = "probabilities" if probabilities else "logits"
+    if features is not None:
+        record["features"] = feature_map_name(features)
     text = json.dumps(record, indent=2, sort_keys=True)
 
     def serve(images):
-        logits = keras.ops.cast(model(images, training=False), "float32")
+        inputs = images if features is None else features(images)
+        logits = keras.ops.cast(model(inputs, training=False), "float32")
         return keras.ops.softmax(logits, axis=-1) if probabilities else logits
 
     def privacy():
@@ -251,6 +281,10 @@ def export_saved_model(
 
     archive = keras.export.ExportArchive()
     archive.track(model)
+    if isinstance(features, keras.layers.Layer):
+        if not features.built:  # ExportArchive tracks built layers only
+            features(keras.ops.zeros([1] + shape))
+        archive.track(features)
     archive.add_endpoint(
         "serve",
         serve,

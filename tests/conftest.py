@@ -17,6 +17,19 @@ import keras_dpscale as kd  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
+# The modules with the longest tests (one to two minutes each: subprocesses
+# that start TensorFlow and compile real models) run first. Under
+# `pytest -n auto` the workers then share out the many short tests after
+# them, instead of one worker ending the run alone on a long one.
+SLOW_MODULES_FIRST = ("tools_test.py", "sweep_tool_test.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Moves `SLOW_MODULES_FIRST` to the front: whole modules, in order, so
+    that a module-scoped fixture is still set up once."""
+    rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -304,6 +304,48 @@ def untrained_dp_model():
     return model
 
 
+def test_a_model_on_features_serves_images_and_names_the_map(tmp_path):
+    # ScatterNet + linear on 8x8x3 images: the model takes the [4, 4, 9]
+    # scattering coefficients; the SavedModel takes the images.
+    scatter = kd.layers.Scattering2D(J=1, L=2)
+    model = kd.models.scatternet_linear(
+        num_classes=3, input_shape=(4, 4, 9), groups=3
+    )
+    model.compile(
+        optimizer=kd.DPSGD(
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            num_examples=64,
+            target_delta=1e-5,
+        ),
+        loss=LOSS,
+    )
+    images = np.random.default_rng(0).uniform(-1, 1, (5, 8, 8, 3))
+    images = images.astype("float32")
+    rng = np.random.default_rng(1)  # else every logit is 0 (zero-init head)
+    model.layers[-1].set_weights(
+        [rng.normal(size=w.shape) for w in model.layers[-1].get_weights()]
+    )
+    with pytest.raises(ValueError, match="input_shape"):
+        kd.export_saved_model(model, str(tmp_path / "no"), features=scatter)
+    record = kd.export_saved_model(
+        model, str(tmp_path), input_shape=(8, 8, 3), features=scatter
+    )
+    assert record["features"] == "Scattering2D(J=1, L=2)"
+    with open(tmp_path / "assets" / "privacy.json") as f:
+        assert json.load(f)["features"] == record["features"]
+    loaded = tf.saved_model.load(str(tmp_path))
+    served = loaded.serve(images).numpy()
+    np.testing.assert_allclose(
+        served, predict(model, scatter(images)), atol=1e-5
+    )
+    assert np.ptp(served, axis=0).max() > 1e-3  # the images matter
+    # Without features= the record has no such key, and a callable that is
+    # not a layer is named by its qualified name.
+    assert "features" not in kd.export_saved_model(model, str(tmp_path / "p"))
+    assert kd.export.feature_map_name(np.tanh) == "tanh"
+
+
 def test_export_to_a_gs_like_path_quietly(tmp_path, monkeypatch, caplog):
     # TensorFlow's in-memory filesystem stands in for gs://.
     monkeypatch.chdir(tmp_path)

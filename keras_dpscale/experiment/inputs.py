@@ -68,6 +68,9 @@ class Inputs:
             "validation" (examples held out of the training set).
         source: where the examples came from: "tfds", "image_folder" or
             "debian" (`data.sources.load_with_source`).
+        features: the fixed feature map that made `examples` from the
+            images (`featurize`), or None.
+        image_shape: with `features`, the shape of one image it takes.
     """
 
     plan: Plan
@@ -79,6 +82,8 @@ class Inputs:
     eval_preprocess: Any = None
     eval_name: str = "test"
     source: str = None
+    features: Any = None
+    image_shape: tuple = None
 
     @property
     def steps_per_epoch(self):
@@ -183,7 +188,8 @@ def build_data(
             once for every training and evaluation example
             (`featurize`); the model then takes the features. In
             memory only (not with `random_access`, `preprocess` or
-            `augmult`). The exported SavedModel takes the features too.
+            `augmult`). The SavedModel applies the map to the images it
+            serves; the result and the privacy record name it.
         augment: the augmentation of the augmult views (default: mirror
             padded crops and flips, `@random_crop_flip` to bind its
             padding; `imagenet_augmult_crops()` for ImageNet).
@@ -218,13 +224,11 @@ def build_data(
         examples, num_examples, eval_examples = _hold_out(
             examples, num_examples, validation_size, random_access
         )
+    image_shape = None
     if features is not None:
-        examples = featurize(examples, features)
-        images = eval_examples
-
-        def eval_examples():
-            return featurize(images(), features)
-
+        examples, eval_examples, image_shape = _featurized(
+            examples, eval_examples, features
+        )
     train_kwargs = dict(
         batch_size=plan.batch_size,
         seed=plan.seed,
@@ -248,7 +252,20 @@ def build_data(
         eval_preprocess=eval_preprocess,
         eval_name="validation" if validation_size else "test",
         source=source,
+        features=features,
+        image_shape=image_shape,
     )
+
+
+def _featurized(examples, eval_examples, features):
+    """`examples` and `eval_examples` through `features`, and the shape of
+    one image before."""
+    image_shape = tuple(examples.element_spec[0].shape)
+
+    def featurized_eval_examples():
+        return featurize(eval_examples(), features)
+
+    return featurize(examples, features), featurized_eval_examples, image_shape
 
 
 def featurize(examples, features, batch_size=1000):

@@ -12,6 +12,7 @@ import gin
 import keras
 
 from keras_dpscale import checkpoint
+from keras_dpscale import export as export_lib
 from keras_dpscale import storage
 
 
@@ -92,10 +93,11 @@ def run(
     # After fit, Keras has put the EMA weights (if any) into the model.
     result = evaluate(model, inputs)
     if export:
-        from keras_dpscale import export as export_lib
-
         export_lib.export_saved_model(
-            model, storage.join(model_dir, "saved_model")
+            model,
+            storage.join(model_dir, "saved_model"),
+            input_shape=inputs.image_shape,
+            features=inputs.features,
         )
     result["seconds"] = round(time.time() - started, 1)
     _write_operative_config(model_dir, strategy)
@@ -115,7 +117,9 @@ def evaluate(model, inputs):
         whatever the split's tfds name), or on the examples held out of
         the training set (`validation_accuracy`),
         epsilon at the plan's delta, sigma, the steps in the ledger, B, N,
-        the sampling, the data's source and the privacy statement.
+        the sampling, the data's source and the privacy statement; with
+        a fixed feature map (`build_data(features=...)`), its name
+        (`features`).
     """
     delta = inputs.plan.target_delta
     ledger = model.privacy_ledger()
@@ -132,6 +136,11 @@ def evaluate(model, inputs):
         "sampling": ", ".join(sorted({s.sampling for s in ledger})),
         "data_source": inputs.source,
         "privacy_statement": model.privacy_statement(delta),
+        **(
+            {"features": export_lib.feature_map_name(inputs.features)}
+            if inputs.features is not None
+            else {}
+        ),
     }
 
 

@@ -230,7 +230,9 @@ class Scattering2D(keras.layers.Layer):
                 )
         s = tf.concat(out + order2, axis=2)  # [n, C, K, H', W']
         s = tf.transpose(s, [0, 3, 4, 1, 2])  # channel-major, then K
-        return tf.reshape(s, [tf.shape(s)[0], s.shape[1], s.shape[2], -1])
+        c = inputs.shape[-1]  # static where known: a model may follow
+        k = -1 if c is None else c * num_coefficients(J, self.L)
+        return tf.reshape(s, [tf.shape(s)[0], s.shape[1], s.shape[2], k])
 
     def compute_output_shape(self, input_shape):
         m, n = padded_size(input_shape[1], input_shape[2], self.J)

@@ -544,9 +544,16 @@ def test_features_are_computed_once_per_example_and_trained_on(
         'build_model.model = "scatternet_linear"',
         "build_model.model_kwargs = "
         "{'num_classes': 2, 'input_shape': (4, 4, 9), 'groups': 3}",
-        "run.export = False",
     )
     assert result["steps"] == 8 and 0 <= result["test_accuracy"] <= 1
+    # The result and the SavedModel name the map; the SavedModel takes the
+    # images (normalized), not the features.
+    assert result["features"] == "Scattering2D(J=1, L=2)"
+    saved = str(tmp_path / "run" / "saved_model")
+    with open(os.path.join(saved, "assets", "privacy.json")) as f:
+        assert json.load(f)["features"] == result["features"]
+    loaded = tf.saved_model.load(saved)
+    assert loaded.serve(kd.data.normalize(tf.constant(raw[:3]))).shape == (3, 2)
     with pytest.raises(ValueError, match="augmult"):
         experiment.build_data(
             plan, str(tmp_path / "d"), features=scatter, augmult=2, **kwargs
