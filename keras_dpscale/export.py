@@ -147,15 +147,28 @@ def privacy_record(model, delta=None, ema_weights=False):
 
 def feature_map_name(features):
     """What a record calls a fixed feature map: a Keras layer as its class
-    and configuration (`Scattering2D(J=2, L=8)`), else its name."""
+    and configuration (`Scattering2D(J=2, L=8)`; its class alone where it
+    has no configuration), else its name. A description, not a proof: that
+    the map does not depend on the private data is the user's claim."""
     if isinstance(features, keras.layers.Layer):
+        try:
+            config = features.get_config()
+        except NotImplementedError:  # a layer that cannot describe itself
+            return f"{type(features).__name__}(...)"
         base = keras.layers.Layer(name="_").get_config()
-        config = {
-            k: v for k, v in features.get_config().items() if k not in base
-        }
-        args = ", ".join(f"{k}={v!r}" for k, v in sorted(config.items()))
+        args = ", ".join(
+            f"{k}={v!r}" for k, v in sorted(config.items()) if k not in base
+        )
         return f"{type(features).__name__}({args})"
     return getattr(features, "__qualname__", repr(features))
+
+
+def features_of_each(features, images):
+    """`features` of each image alone (a batch of one, under
+    `tf.vectorized_map`), as `experiment.featurize` computed them for
+    training: a map that mixes the examples of a batch serves each request
+    as it trained, whatever else is in the batch."""
+    return tf.vectorized_map(lambda image: features(image[None])[0], images)
 
 
 def _image_shape(model, input_shape):
@@ -245,9 +258,11 @@ def export_saved_model(
             a functional input, and for `features` (the images' shape).
         features: the fixed feature map of the normalized images that the
             model was trained on (`experiment.featurize`): `serve` applies
-            it to its images first, and the record names it (`features`,
+            it to each of its images alone, as in training
+            (`features_of_each`), and the record names it (`features`,
             `feature_map_name`). None: `serve` feeds its images to the
-            model as they are.
+            model as they are. A model saved and loaded again does not know
+            its map: pass it here again (`tools/export.py` cannot).
 
     Returns:
         The privacy record written (see `privacy_record`).
@@ -272,7 +287,9 @@ def export_saved_model(
     text = json.dumps(record, indent=2, sort_keys=True)
 
     def serve(images):
-        inputs = images if features is None else features(images)
+        inputs = (
+            images if features is None else features_of_each(features, images)
+        )
         logits = keras.ops.cast(model(inputs, training=False), "float32")
         return keras.ops.softmax(logits, axis=-1) if probabilities else logits
 

@@ -18,9 +18,11 @@ import keras_dpscale as kd  # noqa: E402
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 # The modules with the longest tests (one to two minutes each: subprocesses
-# that start TensorFlow and compile real models) run first. Under
-# `pytest -n auto` the workers then share out the many short tests after
-# them, instead of one worker ending the run alone on a long one.
+# that start TensorFlow and compile real models) run first, so that no long
+# test starts late and ends the run alone. Under `pytest -n 2` (CI's 2
+# cores) xdist's load scheduling hands them all to the first worker in its
+# first chunk of consecutive tests while the other runs short ones; both
+# then share out the rest.
 SLOW_MODULES_FIRST = ("tools_test.py", "sweep_tool_test.py")
 
 

@@ -494,9 +494,9 @@ print("RESULT " + json.dumps(out))
 
 
 def test_replicas_share_one_noise_draw():
-    # Two replicas tell one noise draw from R of them (sqrt(2) apart, the KS
-    # test below); four took 70 s more and checked nothing else.
-    replicas = 2
+    # Four replicas, not two: R = 2 would pass a hard-coded /2 or a seed
+    # that only replicas 0 and 1 share (two counts took 2 minutes of CI).
+    replicas = 4
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run(
         [sys.executable, "-c", MULTI_REPLICA, str(replicas)],

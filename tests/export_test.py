@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import keras_dpscale as kd
+from keras_dpscale import experiment
 from tests.conftest import LOSS
 from tests.conftest import inputs_for
 from tests.conftest import tiny_models
@@ -304,10 +305,26 @@ def untrained_dp_model():
     return model
 
 
-def test_a_model_on_features_serves_images_and_names_the_map(tmp_path):
+class BatchCentredScatter(keras.layers.Layer):
+    """Scattering coefficients minus half their batch mean: a map that mixes
+    the examples of a batch (what `featurize` makes harmless)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn  # a constructor argument get_config cannot describe
+        self.scatter = kd.layers.Scattering2D(J=1, L=2)
+
+    def call(self, x):
+        s = self.scatter(x)
+        return s - 0.5 * tf.reduce_mean(s, axis=0, keepdims=True)
+
+
+def test_a_model_on_features_serves_images_as_trained_and_names_the_map(
+    tmp_path,
+):
     # ScatterNet + linear on 8x8x3 images: the model takes the [4, 4, 9]
-    # scattering coefficients; the SavedModel takes the images.
-    scatter = kd.layers.Scattering2D(J=1, L=2)
+    # coefficients; the SavedModel takes the (normalized) images.
+    mix = BatchCentredScatter(np.tanh)
     model = kd.models.scatternet_linear(
         num_classes=3, input_shape=(4, 4, 9), groups=3
     )
@@ -320,30 +337,42 @@ def test_a_model_on_features_serves_images_and_names_the_map(tmp_path):
         ),
         loss=LOSS,
     )
-    images = np.random.default_rng(0).uniform(-1, 1, (5, 8, 8, 3))
-    images = images.astype("float32")
     rng = np.random.default_rng(1)  # else every logit is 0 (zero-init head)
     model.layers[-1].set_weights(
         [rng.normal(size=w.shape) for w in model.layers[-1].get_weights()]
     )
-    with pytest.raises(ValueError, match="input_shape"):
-        kd.export_saved_model(model, str(tmp_path / "no"), features=scatter)
-    record = kd.export_saved_model(
-        model, str(tmp_path), input_shape=(8, 8, 3), features=scatter
+    raw = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    trained_on = np.stack(  # the features as training computed them
+        [
+            x.numpy()
+            for x, _ in experiment.featurize(
+                tf.data.Dataset.from_tensor_slices((raw, np.zeros(5))), mix
+            )
+        ]
     )
-    assert record["features"] == "Scattering2D(J=1, L=2)"
-    with open(tmp_path / "assets" / "privacy.json") as f:
-        assert json.load(f)["features"] == record["features"]
+    with pytest.raises(ValueError, match="input_shape"):
+        kd.export_saved_model(model, str(tmp_path / "no"), features=mix)
+    record = kd.export_saved_model(
+        model, str(tmp_path), input_shape=(8, 8, 3), features=mix
+    )
     loaded = tf.saved_model.load(str(tmp_path))
+    images = kd.data.normalize(tf.constant(raw))
     served = loaded.serve(images).numpy()
+    np.testing.assert_allclose(served, predict(model, trained_on), atol=1e-5)
+    # Each image is served as alone, whatever else is in the request.
     np.testing.assert_allclose(
-        served, predict(model, scatter(images)), atol=1e-5
+        loaded.serve(images[1:2]).numpy(), served[1:2], atol=1e-5
     )
     assert np.ptp(served, axis=0).max() > 1e-3  # the images matter
-    # Without features= the record has no such key, and a callable that is
-    # not a layer is named by its qualified name.
+    # The record names the map; a layer without a configuration by its
+    # class, a Keras layer by its configuration, a function by its name.
+    assert record["features"] == "BatchCentredScatter(...)"
+    with open(tmp_path / "assets" / "privacy.json") as f:
+        assert json.load(f)["features"] == record["features"]
+    name = kd.export.feature_map_name
+    assert name(kd.layers.Scattering2D(J=1, L=2)) == "Scattering2D(J=1, L=2)"
+    assert name(np.tanh) == "tanh"
     assert "features" not in kd.export_saved_model(model, str(tmp_path / "p"))
-    assert kd.export.feature_map_name(np.tanh) == "tanh"
 
 
 def test_export_to_a_gs_like_path_quietly(tmp_path, monkeypatch, caplog):

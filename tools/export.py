@@ -9,6 +9,10 @@ The `.keras` file must come from `model.save` of a model trained with a DP
 optimizer: it holds the optimizer, its privacy ledger and, with
 `use_ema=True`, the parameter averages. Prints the privacy record and the
 output path. See `keras_dpscale.export` for how to read the SavedModel.
+A model trained on a fixed feature map (`build_data.features`) is exported
+on the features, and its record does not name the map: the `.keras` file
+does not hold it (`keras_dpscale.export_saved_model(..., features=...)`
+does; the launcher's own export passes it).
 """
 
 import json
