@@ -291,8 +291,10 @@ def test_tool_exports_a_saved_keras_file(exported):
     )
 
 
-def untrained_dp_model():
-    model = kd.make_private(tiny_models()[1])
+def untrained_dp_model(model=None):
+    """`model` (default: a tiny private one) compiled with DPSGD."""
+    if model is None:
+        model = kd.make_private(tiny_models()[1])
     model.compile(
         optimizer=kd.DPSGD(
             l2_norm_clip=1.0,
@@ -325,17 +327,10 @@ def test_a_model_on_features_serves_images_as_trained_and_names_the_map(
     # ScatterNet + linear on 8x8x3 images: the model takes the [4, 4, 9]
     # coefficients; the SavedModel takes the (normalized) images.
     mix = BatchCentredScatter(np.tanh)
-    model = kd.models.scatternet_linear(
-        num_classes=3, input_shape=(4, 4, 9), groups=3
-    )
-    model.compile(
-        optimizer=kd.DPSGD(
-            l2_norm_clip=1.0,
-            noise_multiplier=1.0,
-            num_examples=64,
-            target_delta=1e-5,
-        ),
-        loss=LOSS,
+    model = untrained_dp_model(
+        kd.models.scatternet_linear(
+            num_classes=3, input_shape=(4, 4, 9), groups=3
+        )
     )
     rng = np.random.default_rng(1)  # else every logit is 0 (zero-init head)
     model.layers[-1].set_weights(
