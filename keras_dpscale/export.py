@@ -273,10 +273,13 @@ def export_saved_model(
     """
     _require_ledger(model)
     optimizer = getattr(model, "optimizer", None)
-    if features is not None and input_shape is None:
+    if features is not None and (
+        input_shape is None or None in tuple(input_shape)
+    ):
         raise ValueError(
-            "export_saved_model with features= needs input_shape=(H, W, C): "
-            "the shape of the images that the feature map takes."
+            "export_saved_model with features= needs input_shape=(H, W, C), "
+            "all known: the shape of the images that the feature map takes; "
+            f"got {input_shape}."
         )
     shape = _image_shape(model, input_shape)
     pairs = _ema_pairs(optimizer) if use_ema and optimizer else []

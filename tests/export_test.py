@@ -345,8 +345,11 @@ def test_a_model_on_features_serves_images_as_trained_and_names_the_map(
             )
         ]
     )
-    with pytest.raises(ValueError, match="input_shape"):
-        kd.export_saved_model(model, str(tmp_path / "no"), features=mix)
+    for shape in (None, (8, None, 3)):
+        with pytest.raises(ValueError, match="input_shape"):
+            kd.export_saved_model(
+                model, str(tmp_path / "no"), input_shape=shape, features=mix
+            )
     record = kd.export_saved_model(
         model, str(tmp_path), input_shape=(8, 8, 3), features=mix
     )
