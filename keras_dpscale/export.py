@@ -8,7 +8,8 @@ Keras' `keras.export.ExportArchive` (what `model.export` uses):
   class probabilities, the softmax of the model's logits (output
   `output_0`); for a model trained on a fixed feature map of the images
   (`features=`, `experiment.build_data(features=...)`), the normalized
-  images, which `serve` maps through the features first;
+  images, which `serve` maps through the features first, each alone as in
+  training (the record then names the map: `features`);
 * the optimizer's parameter averages (`use_ema=True`) in place of the raw
   weights, by default, when it keeps them;
 * the privacy record (epsilon, delta, sigma, C, steps, batch size, dataset
