@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_dpscale import data
+from keras_dpscale import export
 from keras_dpscale import layers
 from keras_dpscale import sampling as sampling_lib
 from keras_dpscale.data import imagenet
@@ -276,7 +277,8 @@ def featurize(examples, features, batch_size=1000):
     and fixed, like the normalization before it: the user's claim, as for
     pre-trained weights). It is applied to each example alone (a batch of
     one under `tf.vectorized_map`, which computes what a loop over the
-    examples would), so a map that mixes the examples of a batch (a batch
+    examples would: `export.features_of_each`, which serves the exported
+    model too), so a map that mixes the examples of a batch (a batch
     mean, a batch normalization) cannot make one example's features depend
     on another. The one way left, state that an example writes and another
     reads (a variable), is refused: the traced map must not write data of
@@ -302,14 +304,13 @@ def featurize(examples, features, batch_size=1000):
             `examples` is empty.
     """
 
-    def one(image):  # a batch of one: the map cannot mix examples
-        return separability.call_alone(
-            lambda x: features(data.normalize(x)[None])[0],
-            image,
-            "The feature map",
-        )
+    def checked(image):  # a batch of one; no state carries it to another
+        return separability.call_alone(features, image, "The feature map")
 
-    mapped = tf.function(lambda x: tf.vectorized_map(one, x), jit_compile=True)
+    mapped = tf.function(
+        lambda x: export.features_of_each(checked, data.normalize(x)),
+        jit_compile=True,
+    )
     xs, ys = [], []
     for images, labels in examples.batch(batch_size):
         xs.append(mapped(images).numpy())
