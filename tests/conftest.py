@@ -122,6 +122,9 @@ TINY = {
         width=1 / 16, group_size=8, depth=(1, 1, 1, 1), input_shape=(16, 16, 3)
     ),
     "scatternet_linear": dict(input_shape=(4, 4, 9), groups=3),
+    # 2x2 after the three pools: each GroupNorm group of the head holds 8
+    # values (with 1, it would output zeros and pass no gradient back).
+    "dpnasnet": dict(input_shape=(16, 16, 1), width=4, head_width=16),
 }
 
 

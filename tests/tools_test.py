@@ -55,6 +55,10 @@ IMAGENET_32 = [
 ]
 DRY_RUNS = {
     "cifar10_quick.gin": (False, []),
+    "fashion_mnist_dpnas.gin": (
+        True,
+        ["build_model.model_kwargs = {'width': 4, 'head_width': 16}"],
+    ),
     "cifar10_wrn_16_4_eps8.gin": (
         True,
         ['build_model.model = "wrn_16_1"', "build_data.augmult = 2"],
@@ -111,7 +115,7 @@ def test_every_paper_config_has_a_dry_run():
         os.path.basename(p)
         for p in glob.glob(os.path.join(ROOT, "configs", "cifar10_*.gin"))
         + glob.glob(os.path.join(ROOT, "configs", "imagenet_*.gin"))
-    }
+    } | {"fashion_mnist_dpnas.gin"}  # DPNAS's recipe, for an accelerator
     paper.discard("cifar10_wrn_base.gin")  # included, not run alone
     assert paper == set(DRY_RUNS)
 
@@ -142,6 +146,7 @@ def test_dry_run_of_each_paper_config(tmp_path):
     assert "synthetic stand-in (random access)" in out.stdout  # ImageNet
     assert summaries["imagenet_nf_resnet50_eps8.gin"]["model"] == "nf_resnet_50"
     assert summaries["imagenet_nfnet_f3.gin"]["model"] == "nfnet_f3"
+    assert summaries["fashion_mnist_dpnas.gin"]["model"] == "dpnasnet"
 
 
 def failed_in_one_line(tool, model_dir):

@@ -6,6 +6,8 @@
     python tools/bench_step.py --model vit --lora_rank 8      # LoRA only
     python tools/bench_step.py --model convnext               # ConvNeXt
     python tools/bench_step.py --model mixed                  # modern layers
+    python tools/bench_step.py --model dpnasnet --image_size 28 \
+        --batch_sizes 256 --engines fast          # DPNASNet, Fashion-MNIST
     python tools/bench_step.py --engines vectorized --conv_grad while_loop
     python tools/bench_step.py --batch_sizes 256,1024 \
         --dtypes float32,bfloat16 --nomemory          # an accelerator
@@ -14,7 +16,8 @@
 `depth`-`width` with GroupNorm), "vit" (`models.vit`: 6 pre-LN blocks of
 width 192, 3 heads, patches of 4; with `--lora_rank`, LoRA fine-tuning of
 the attention and MLP layers), "convnext" (`models.convnext`: widths 48,
-96, 192, two blocks each) or "mixed" (`mixed_model`: DepthwiseConv2D,
+96, 192, two blocks each), "dpnasnet" (`models.dpnasnet`, on grey
+images) or "mixed" (`mixed_model`: DepthwiseConv2D,
 SeparableConv2D, Conv1D, MultiHeadAttention, EinsumDense, LayerNorm and a
 Dense with LoRA in one small net). Every layer of each has a rule of the
 fast engine (no per-example gradients by the vectorized path).
@@ -52,7 +55,10 @@ from absl import app
 from absl import flags
 
 flags.DEFINE_enum(
-    "model", "wrn", ["wrn", "vit", "convnext", "mixed"], "The network."
+    "model",
+    "wrn",
+    ["wrn", "vit", "convnext", "mixed", "dpnasnet"],
+    "The network.",
 )
 flags.DEFINE_integer("depth", 16, "WRN depth (6n+4); --model wrn only.")
 flags.DEFINE_integer("width", 4, "WRN widening factor; --model wrn only.")
@@ -105,14 +111,22 @@ def model_name():
         return "ConvNeXt", "widths 48/96/192, depths 2/2/2, LayerNorm"
     if FLAGS.model == "mixed":
         return "mixed", "depthwise, separable, Conv1D, attention, LoRA"
+    if FLAGS.model == "dpnasnet":
+        return "DPNASNet", "Cheng et al. 2022's Fashion-MNIST cell, grey"
     return f"WRN-{FLAGS.depth}-{FLAGS.width}", "GroupNorm, pre-activation"
+
+
+def image_shape():
+    """`--image_size` images, grey for DPNASNet, else RGB."""
+    channels = 1 if FLAGS.model == "dpnasnet" else 3
+    return (FLAGS.image_size, FLAGS.image_size, channels)
 
 
 def make_model(private):
     """The network of `--model` for `--image_size` images, 10 classes."""
     from keras_dpscale import models
 
-    input_shape = (FLAGS.image_size, FLAGS.image_size, 3)
+    input_shape = image_shape()
     if FLAGS.model == "vit":
         return models.vit(
             input_shape=input_shape, lora_rank=FLAGS.lora_rank, private=private
@@ -121,6 +135,8 @@ def make_model(private):
         return models.convnext(input_shape=input_shape, private=private)
     if FLAGS.model == "mixed":
         return mixed_model(input_shape, private)
+    if FLAGS.model == "dpnasnet":
+        return models.dpnasnet(input_shape=input_shape, private=private)
     return models.wide_resnet(
         FLAGS.depth, FLAGS.width, input_shape=input_shape, private=private
     )
@@ -194,7 +210,7 @@ def build(engine, batch_size, dtype="float32"):
         **step,
     )
     rng = np.random.default_rng(0)
-    shape = (batch_size, FLAGS.image_size, FLAGS.image_size, 3)
+    shape = (batch_size, *image_shape())
     x = rng.normal(size=shape).astype("float32")
     y = rng.integers(0, 10, size=(batch_size,)).astype("int32")
     for _ in range(FLAGS.warmup):  # compilation
@@ -273,9 +289,8 @@ def input_examples_per_second(batch_size, num_views, batches=50):
 
     from keras_dpscale import data
 
-    size = FLAGS.image_size
     images = np.random.default_rng(0).integers(
-        0, 256, (10_000, size, size, 3), np.uint8
+        0, 256, (10_000, *image_shape()), np.uint8
     )
     examples = tf.data.Dataset.from_tensor_slices((images, np.zeros(10_000)))
     ds = iter(data.train_dataset(examples, batch_size, num_views=num_views))
@@ -325,8 +340,8 @@ def main(_):
         return
     name, description = model_name()
     print(
-        f"{name} ({description}), {FLAGS.image_size}x"
-        f"{FLAGS.image_size}x3, {os.cpu_count()} CPUs, XLA, "
+        f"{name} ({description}), {'x'.join(map(str, image_shape()))}, "
+        f"{os.cpu_count()} CPUs, XLA, "
         f"{FLAGS.steps} rounds of steps, microbatch_size="
         f"{FLAGS.microbatch_size}, conv filter gradients: {FLAGS.conv_grad}"
     )

@@ -6,14 +6,15 @@
 
 Names: `wrn_{depth}_{width}`, `nf_resnet_{depth}`, `nfnet_{variant}` (f0 to
 f6), `tanh_cnn`, `scatternet_linear` (on scattering features), `vit` or
-`vit_{depth}_{width}`, `convnext`. Keyword arguments go to the builder
-(`wide_resnet`, `nf_resnet`, `nfnet`, `tanh_cnn`, `scatternet_linear`,
-`vit`, `convnext`).
+`vit_{depth}_{width}`, `convnext`, `dpnasnet`. Keyword arguments go to the
+builder (`wide_resnet`, `nf_resnet`, `nfnet`, `tanh_cnn`,
+`scatternet_linear`, `vit`, `convnext`, `dpnasnet`).
 """
 
 import re
 
 from keras_dpscale.models.convnext import convnext
+from keras_dpscale.models.dpnasnet import dpnasnet
 from keras_dpscale.models.nf_resnet import nf_resnet
 from keras_dpscale.models.nfnet import nfnet
 from keras_dpscale.models.scatternet import scatternet_linear
@@ -38,6 +39,7 @@ _PATTERNS = (
         vit,
     ),
     (r"convnext", lambda: {}, convnext),
+    (r"dpnasnet", lambda: {}, dpnasnet),
 )
 
 
@@ -59,12 +61,13 @@ def get(name, **kwargs):
     raise ValueError(
         f"Unknown model {name!r}: expected wrn_<depth>_<width>, "
         "nf_resnet_<depth>, nfnet_f<0-6>, tanh_cnn, scatternet_linear, vit, "
-        "vit_<depth>_<width> or convnext."
+        "vit_<depth>_<width>, convnext or dpnasnet."
     )
 
 
 __all__ = [
     "convnext",
+    "dpnasnet",
     "get",
     "nf_resnet",
     "nfnet",

@@ -51,6 +51,7 @@ MODELS = {
     "wide_resnet": lambda: tiny("wide_resnet"),
     "nf_resnet": lambda: tiny("nf_resnet"),
     "nfnet": lambda: tiny("nfnet"),
+    "dpnasnet": lambda: tiny("dpnasnet"),  # depthwise convs, max-pools
     "dense": lambda: kd.make_private(tiny_models()[0]),
     "embedding": lambda: kd.make_private(tiny_models()[2]),
     "sequence": sequence_model,

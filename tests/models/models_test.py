@@ -37,6 +37,39 @@ def test_parameter_counts_match_the_reference_architectures(
     assert abs(model.count_params() - expected) <= 0.01 * expected
 
 
+def test_dpnasnet_is_the_authors_fashion_mnist_network():
+    # DPNASNet_FMNIST in the authors' dp_evaluate/models.py (C = 16), by
+    # hand: stem 3x3 to 32; per cell a 1x1 projection to 32, 32 then 64
+    # channels and 7 depthwise 3x3 convolutions (the 3 "none" edges have no
+    # weights); adapt 1x1 320 to 128; Dense 1152 to 128; head 128 to 10.
+    expected = (
+        9 * 32
+        + (32 * 32 + 7 * 9 * 32)
+        + (160 * 32 + 7 * 9 * 32)
+        + (160 * 64 + 7 * 9 * 64)
+        + 320 * 128
+        + (1152 * 128 + 128)
+        + (128 * 10 + 10)
+    )
+    model = kd.models.get("dpnasnet")
+    assert isinstance(model, kd.DPModel)
+    count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert count == expected == 214_570
+    cells = [
+        tuple(layer.output.shape)
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Concatenate)
+    ]  # nodes 1 to 5 of each cell
+    assert cells == [
+        (None, 28, 28, 160),
+        (None, 14, 14, 160),
+        (None, 7, 7, 320),
+    ]
+    validators.check_layers(model)
+    with pytest.raises(ValueError, match="Unknown DPNAS operation"):
+        kd.models.dpnasnet(genotype=(("avg_pool", 0, 1),))
+
+
 def test_registry_rejects_unknown_names():
     with pytest.raises(ValueError, match="Unknown model"):
         kd.models.get("resnet_50")
