@@ -147,10 +147,14 @@ def privacy_record(model, delta=None, ema_weights=False):
 
 
 def feature_map_name(features):
-    """What a record calls a fixed feature map: a Keras layer as its class
-    and configuration (`Scattering2D(J=2, L=8)`; its class alone where it
-    has no configuration), else its name. A description, not a proof: that
-    the map does not depend on the private data is the user's claim."""
+    """What a record calls a fixed feature map: a Keras model by its name
+    and size (`experiment.PublicPretraining` names its network after what
+    it was trained on), a Keras layer as its class and configuration
+    (`Scattering2D(J=2, L=8)`; its class alone where it has no
+    configuration), else its name. A description, not a proof: that the
+    map does not depend on the private data is the user's claim."""
+    if isinstance(features, keras.Model):
+        return f"{features.name} ({features.count_params():,} weights)"
     if isinstance(features, keras.layers.Layer):
         try:
             config = features.get_config()

@@ -39,7 +39,7 @@ def test_estimate_of_the_cifar10_recipe():
 def test_a_validation_split_and_bindings_change_the_recipe():
     out = run(
         "--config",
-        os.path.join(ROOT, "configs", "fashion_mnist.gin"),
+        os.path.join(ROOT, "configs", "fashion_mnist_tanh_cnn.gin"),
         "--gin_bindings=build_data.validation_size = 10000",
         "--gin_bindings=train_and_evaluate.epochs = 2",
     )

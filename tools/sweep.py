@@ -2,7 +2,7 @@
 
     # a grid over a base config, tuned on a validation split (the default:
     # the last 10000 training examples; the test set is not read)
-    python tools/sweep.py --config configs/fashion_mnist.gin \
+    python tools/sweep.py --config configs/fashion_mnist_tanh_cnn.gin \
         --grid "build_optimizer.learning_rate=[2.0, 4.0]" \
         --grid "train_and_evaluate.batch_size=[1024, 2048, 4096]" \
         --gin_bindings run.export=False --sweep_dir /tmp/sweep
@@ -16,7 +16,7 @@ configs/cifar10_wrn_16_4_eps8.gin --sweep_dir /tmp/eps
     # table and plot of the finished runs of a sweep_dir, nothing run
     python tools/sweep.py --sweep_dir /tmp/sweep --report_only
     # the final config, once, on the test set
-    python tools/sweep.py --config configs/fashion_mnist.gin \
+    python tools/sweep.py --config configs/fashion_mnist_tanh_cnn.gin \
         --validation_size 0 --sweep_dir /tmp/final
 
 The sweep is the cartesian product of the `--grid` axes (and of

@@ -7,7 +7,8 @@ The launchers (`tools/train.py`, `tools/train_tpu.py`) parse the gin files
     train_and_evaluate  the public plan: B, epochs, accumulation, sampling,
                         seed, delta (`Plan`), shared by all the builders
     build_data          the dataset, its sources, augmult, preprocessing,
-                        or fixed features (`featurize`)
+                        or fixed features (`featurize`; learned on public
+                        data: `PublicPretraining`)
     build_model         the network: a registered name or any factory
     build_optimizer     DPSGD or DPAdam, learning rate (or schedule), C,
                         sigma or a target epsilon, EMA
@@ -39,6 +40,7 @@ from keras_dpscale.experiment.model import compile_model
 from keras_dpscale.experiment.optimizer import OPTIMIZERS
 from keras_dpscale.experiment.optimizer import build_optimizer
 from keras_dpscale.experiment.plan import Plan
+from keras_dpscale.experiment.public import PublicPretraining
 from keras_dpscale.experiment.training import evaluate
 from keras_dpscale.experiment.training import run
 
@@ -117,6 +119,7 @@ __all__ = [
     "Inputs",
     "OPTIMIZERS",
     "Plan",
+    "PublicPretraining",
     "REPOSITORY",
     "build_data",
     "build_model",

@@ -25,6 +25,7 @@ from keras_dpscale import sampling as sampling_lib
 from keras_dpscale.data import imagenet
 from keras_dpscale.data import sources
 from keras_dpscale.engines import separability
+from keras_dpscale.experiment import public
 from keras_dpscale.experiment.plan import Plan
 
 DATA_DIR_ENV = "KERAS_DPSCALE_DATA_DIR"
@@ -184,8 +185,10 @@ def build_data(
         preprocess: per-example preprocessing of training images (e.g.
             `imagenet_preprocess` with `train=True`); default: scaling to
             [-1, 1]. `eval_preprocess`: the same for evaluation.
-        features: a fixed, data-independent feature map of the normalized
-            images (e.g. `@keras_dpscale.layers.Scattering2D()`), computed
+        features: a fixed feature map of the normalized images that no
+            private example shapes (e.g. `@keras_dpscale.layers.Scattering2D()`,
+            or a network trained here on public data,
+            `@keras_dpscale.experiment.PublicPretraining()`), computed
             once for every training and evaluation example
             (`featurize`); the model then takes the features. In
             memory only (not with `random_access`, `preprocess` or
@@ -227,8 +230,8 @@ def build_data(
         )
     image_shape = None
     if features is not None:
-        examples, eval_examples, image_shape = _featurized(
-            examples, eval_examples, features
+        examples, eval_examples, image_shape, features = _featurized(
+            examples, eval_examples, features, where, dataset
         )
     train_kwargs = dict(
         batch_size=plan.batch_size,
@@ -258,15 +261,30 @@ def build_data(
     )
 
 
-def _featurized(examples, eval_examples, features):
-    """`examples` and `eval_examples` through `features`, and the shape of
-    one image before."""
+def _featurized(examples, eval_examples, features, where, dataset):
+    """`examples` and `eval_examples` through `features`, the shape of one
+    image before, and the map (a `PublicPretraining` trained here)."""
     image_shape = tuple(examples.element_spec[0].shape)
+    if isinstance(features, public.PublicPretraining):
+        features = features.train(
+            image_shape,
+            dict(
+                where,
+                image_folder=_within(where["data_dir"], features.image_folder),
+            ),
+            private_dataset=dataset,
+            private_folder=where["image_folder"],
+        )
 
     def featurized_eval_examples():
         return featurize(eval_examples(), features)
 
-    return featurize(examples, features), featurized_eval_examples, image_shape
+    return (
+        featurize(examples, features),
+        featurized_eval_examples,
+        image_shape,
+        features,
+    )
 
 
 def featurize(examples, features, batch_size=1000):

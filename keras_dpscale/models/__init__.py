@@ -5,7 +5,8 @@
     model = keras_dpscale.models.get("vit", lora_rank=8)
 
 Names: `wrn_{depth}_{width}`, `nf_resnet_{depth}`, `nfnet_{variant}` (f0 to
-f6), `tanh_cnn`, `scatternet_linear` (on scattering features), `vit` or
+f6), `tanh_cnn`, `scatternet_linear` (on scattering features; the same model
+on any fixed features: `linear_on_features`), `vit` or
 `vit_{depth}_{width}`, `convnext`, `dpnasnet`. Keyword arguments go to the
 builder (`wide_resnet`, `nf_resnet`, `nfnet`, `tanh_cnn`,
 `scatternet_linear`, `vit`, `convnext`, `dpnasnet`).
@@ -32,6 +33,11 @@ _PATTERNS = (
     (r"nfnet_(f\d)", lambda v: dict(variant=v.upper()), nfnet),
     (r"tanh_cnn", lambda: {}, tanh_cnn),
     (r"scatternet_linear", lambda: {}, scatternet_linear),
+    (
+        r"linear_on_features",
+        lambda: dict(name="linear_on_features"),
+        scatternet_linear,
+    ),
     (r"vit", lambda: {}, vit),
     (
         r"vit_(\d+)_(\d+)",
@@ -60,7 +66,8 @@ def get(name, **kwargs):
             return builder(**parse(*match.groups()), **kwargs)
     raise ValueError(
         f"Unknown model {name!r}: expected wrn_<depth>_<width>, "
-        "nf_resnet_<depth>, nfnet_f<0-6>, tanh_cnn, scatternet_linear, vit, "
+        "nf_resnet_<depth>, nfnet_f<0-6>, tanh_cnn, scatternet_linear, "
+        "linear_on_features, vit, "
         "vit_<depth>_<width>, convnext or dpnasnet."
     )
 

@@ -8,7 +8,9 @@ features are hand-crafted: configs that use them say so.
 
 The model takes the coefficients, computed once for the whole dataset by
 `experiment.build_data(features=Scattering2D(...))` (a fixed map, public):
-`[7, 7, 81]` for 28 x 28 grey images with J = 2.
+`[7, 7, 81]` for 28 x 28 grey images with J = 2. The same model on other
+fixed features (a network trained on public data,
+`experiment.PublicPretraining`) is registered as `linear_on_features`.
 """
 
 import keras

@@ -238,6 +238,9 @@ def test_every_config_parses(clean_gin):
     names = config_names()
     assert {
         "fashion_mnist.gin",
+        "fashion_mnist_tanh_cnn.gin",
+        "fashion_mnist_dpnas.gin",
+        "fashion_mnist_scatternet.gin",
         "fashion_mnist_eps1.gin",
         "fashion_mnist_eps2.gin",
         "fashion_mnist_eps8.gin",
