@@ -168,6 +168,17 @@ def feature_map_name(features):
     return getattr(features, "__qualname__", repr(features))
 
 
+def feature_map_claim(features):
+    """The sentence a privacy statement adds for a fixed feature map."""
+    return (
+        f"The model takes features computed by a fixed map, "
+        f"{feature_map_name(features)}, of each image alone; epsilon does "
+        "not cover the map: that it does not depend on the private data "
+        "(for a network trained on public data: that the data is public and "
+        "shares no example with the private data) is the user's claim."
+    )
+
+
 def features_of_each(features, images):
     """`features` of each image alone (a batch of one, under
     `tf.vectorized_map`), as `experiment.featurize` computed them for
@@ -292,6 +303,7 @@ def export_saved_model(
     record["outputs"] = "probabilities" if probabilities else "logits"
     if features is not None:
         record["features"] = feature_map_name(features)
+        record["statement"] += " " + feature_map_claim(features)
     text = json.dumps(record, indent=2, sort_keys=True)
 
     def serve(images):

@@ -18,6 +18,7 @@ Nothing is ever downloaded.
 """
 
 import gzip
+import hashlib
 import os
 import tarfile
 
@@ -55,12 +56,22 @@ def fashion_mnist_idx(split, directory=DEBIAN_FASHION_MNIST):
 
 
 def image_folder_root(path, cache_dir=CACHE):
-    """The ImageFolder root for a directory or a `.tar.gz` (extracted once)."""
+    """The ImageFolder root for a directory or a `.tar.gz` (extracted once).
+
+    An archive is extracted to a folder of the cache named after the
+    archive's name, path, size and modification time: two archives never
+    share one (a private and a public archive of the same name would
+    otherwise read as one, whichever was extracted first)."""
     if os.path.isdir(path):
         return path
     if not tarfile.is_tarfile(path):
         raise ValueError(f"{path} is neither a directory nor a tar archive.")
-    name = os.path.basename(path).split(".")[0]
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    key = hashlib.sha256(
+        f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
+    name = f"{os.path.basename(path).split('.')[0]}-{key}"
     root = os.path.join(cache_dir, name)
     if not os.path.exists(os.path.join(root, ".complete")):
         os.makedirs(root, exist_ok=True)

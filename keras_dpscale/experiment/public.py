@@ -61,15 +61,17 @@ class PublicPretraining:
                 images are resized to it (and turned grey or RGB).
             where: the `data.load` locations (`data_dir`, `image_folder`
                 already resolved, `manual_dir`).
-            private_dataset, private_folder: the private dataset's name and
-                ImageFolder, refused as the public ones.
+            private_dataset, private_folder: the private dataset's name (in
+                any tfds spelling) and ImageFolder, refused as the public
+                ones. The private `manual_dir` is not passed on.
 
         Returns:
             A frozen `keras.Model` from normalized images `[n, H, W, C]` to
-            features `[n, H / 4, W / 4, 64]`, named after its training.
+            features `[n, H / 4, W / 4, 64]`, named after its training
+            (the dataset, the source it was read from, the epochs).
         """
         folder = where.get("image_folder")
-        if self.dataset == private_dataset or (
+        if _canonical(self.dataset) == _canonical(private_dataset) or (
             folder is not None
             and private_folder is not None
             and os.path.realpath(folder) == os.path.realpath(private_folder)
@@ -80,7 +82,9 @@ class PublicPretraining:
                 "without privacy would void the guarantee. Name a public "
                 "dataset."
             )
-        images, labels = _public_arrays(self.dataset, where, image_shape)
+        images, labels, source = _public_arrays(
+            self.dataset, dict(where, manual_dir=None), image_shape
+        )
         network = _network(image_shape, int(labels.max()) + 1)
         network.compile(
             optimizer=keras.optimizers.Adam(self.learning_rate),
@@ -97,14 +101,18 @@ class PublicPretraining:
             .prefetch(2)
         )
         print(
-            f"public pretraining: {self.dataset}, {len(images)} images at "
-            f"{tuple(image_shape)}, {self.epochs} epochs"
+            f"public pretraining: {self.dataset} from {source}, "
+            f"{len(images)} images at {tuple(image_shape)}, {self.epochs} "
+            "epochs"
         )
         network.fit(batches, epochs=self.epochs, verbose=2)
         features = keras.Model(
             network.input,
             network.get_layer("features").output,
-            name=f"cnn_trained_on_public_{self.dataset}_{self.epochs}_epochs",
+            name=(
+                f"cnn_trained_on_public_{self.dataset}_from_{source}_"
+                f"{self.epochs}_epochs"
+            ),
         )
         features.trainable = False
         return features
@@ -112,7 +120,8 @@ class PublicPretraining:
 
 def _public_arrays(dataset, where, image_shape):
     """The public training split at the private images' shape, normalized
-    as the private images are (`data.normalize`), and its labels."""
+    as the private images are (`data.normalize`), its labels and the source
+    it came from."""
     height, width, channels = image_shape
 
     def to_shape(image, label):
@@ -127,9 +136,20 @@ def _public_arrays(dataset, where, image_shape):
         image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         return data.normalize(image), label
 
-    examples = data.load(dataset, "train", **where).map(to_shape).batch(1000)
-    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in examples])
-    return np.concatenate(images), np.concatenate(labels).astype("int32")
+    examples, source = data.sources.load_with_source(dataset, "train", **where)
+    batches = examples.map(to_shape).batch(1000)
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in batches])
+    return (
+        np.concatenate(images),
+        np.concatenate(labels).astype("int32"),
+        source,
+    )
+
+
+def _canonical(name):
+    """A dataset name without version, config, case or underscores:
+    "FashionMNIST:3.0.1", "fashion_mnist/x" and "fashion_mnist" are one."""
+    return name.split(":")[0].split("/")[0].lower().replace("_", "")
 
 
 def _network(image_shape, num_classes):

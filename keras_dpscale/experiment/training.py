@@ -119,12 +119,17 @@ def evaluate(model, inputs):
         epsilon at the plan's delta, sigma, the steps in the ledger, B, N,
         the sampling, the data's source and the privacy statement; with
         a fixed feature map (`build_data(features=...)`), its name
-        (`features`).
+        (`features`), and the statement says that epsilon does not cover
+        it.
     """
     delta = inputs.plan.target_delta
     ledger = model.privacy_ledger()
     test = inputs.eval_dataset()
     accuracy = model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
+    statement, features = model.privacy_statement(delta), {}
+    if inputs.features is not None:
+        statement += " " + export_lib.feature_map_claim(inputs.features)
+        features["features"] = export_lib.feature_map_name(inputs.features)
     return {
         f"{inputs.eval_name}_accuracy": float(accuracy),
         "epsilon": float(model.epsilon(delta)),
@@ -135,12 +140,8 @@ def evaluate(model, inputs):
         "num_examples": inputs.num_examples,
         "sampling": ", ".join(sorted({s.sampling for s in ledger})),
         "data_source": inputs.source,
-        "privacy_statement": model.privacy_statement(delta),
-        **(
-            {"features": export_lib.feature_map_name(inputs.features)}
-            if inputs.features is not None
-            else {}
-        ),
+        "privacy_statement": statement,
+        **features,
     }
 
 

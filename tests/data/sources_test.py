@@ -83,6 +83,28 @@ def test_image_folder_directory_and_tarball(tmp_path, as_tarball):
     assert x[y == 1].mean() > x[y == 0].mean() + 30
 
 
+def test_two_archives_of_one_name_are_never_read_as_one(tmp_path):
+    # A private and a public archive named alike (and extracted into one
+    # cache) each read as their own images, whichever came first.
+    means = {}
+    for which, shift in (("private", 0), ("public", 100)):
+        make_image_folder(tmp_path / which / "tree")
+        for png in (tmp_path / which / "tree").rglob("*.png"):
+            image = tf.io.decode_png(png.read_bytes()).numpy()
+            png.write_bytes(tf.io.encode_png(image // 2 + shift).numpy())
+        with tarfile.open(tmp_path / which / "data.tar.gz", "w:gz") as tar:
+            tar.add(tmp_path / which / "tree", arcname="tree")
+        x, _ = data.load_arrays(
+            "anything",
+            "train",
+            image_folder=str(tmp_path / which / "data.tar.gz"),
+            cache_dir=str(tmp_path / "c"),
+        )
+        means[which] = x.mean()
+    assert means["public"] > means["private"] + 90
+    assert len(os.listdir(tmp_path / "c")) == 2
+
+
 def test_prepared_tfds_data_comes_before_the_image_folder(
     tmp_path, monkeypatch
 ):

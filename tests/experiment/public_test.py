@@ -55,7 +55,8 @@ def test_the_map_is_learned_from_public_data_only(folders):
     inputs = trained_map(folders)
     features = inputs.features
     assert isinstance(features, keras.Model) and not features.trainable
-    assert features.name == "cnn_trained_on_public_tiny_public_1_epochs"
+    name = "cnn_trained_on_public_tiny_public_from_image_folder_1_epochs"
+    assert features.name == name
     assert inputs.image_shape == (8, 8, 3)  # the public images resized
     raw = np.stack([x.numpy() for x, _ in experiment.build_data(
         experiment.Plan(batch_size=8, epochs=1), str(folders),
@@ -76,10 +77,17 @@ def test_the_map_is_learned_from_public_data_only(folders):
 
 
 @pytest.mark.parametrize(
-    "dataset, folder", [("tiny", "public"), ("tiny_public", "images/")]
+    "dataset, folder",
+    [
+        ("tiny", "public"),
+        ("Tiny:1.0.0", "public"),
+        ("TINY/config", "public"),
+        ("tiny_public", "images/"),
+        ("tiny_public", "public/../images"),
+    ],
 )
 def test_the_private_dataset_is_refused_as_public(folders, dataset, folder):
-    # By its name, or by its folder under another name.
+    # By its name in any tfds spelling, or by its folder under another name.
     pretraining = public.PublicPretraining(
         dataset=dataset, image_folder=folder, epochs=1
     )
@@ -99,7 +107,10 @@ def test_public_images_take_the_private_shape_and_normalization(folders):
         image_folder=str(folders / "public"),
         manual_dir=None,
     )
-    images, labels = public._public_arrays("tiny_public", where, (8, 8, 1))
+    images, labels, source = public._public_arrays(
+        "tiny_public", where, (8, 8, 1)
+    )
+    assert source == "image_folder"
     assert images.shape == (24, 8, 8, 1) and images.dtype == np.float32
     assert sorted(set(labels)) == [0, 1, 2]
     assert images.min() >= -1 and images.max() <= 1
@@ -134,11 +145,18 @@ def test_the_launcher_trains_on_public_features_and_records_them(
         "{'num_classes': 2, 'input_shape': (2, 2, 64), 'groups': 16}",
     )
     assert result["steps"] == 8 and 0 <= result["test_accuracy"] <= 1
-    name = "cnn_trained_on_public_tiny_public_1_epochs (65,568 weights)"
+    name = (
+        "cnn_trained_on_public_tiny_public_from_image_folder_1_epochs "
+        "(65,568 weights)"
+    )
     assert result["features"] == name
+    claim = f"features computed by a fixed map, {name}, of each image alone"
+    assert claim in result["privacy_statement"]
+    assert "the user's claim" in result["privacy_statement"].split(claim)[1]
     saved = str(tmp_path / "run" / "saved_model")
     with open(os.path.join(saved, "assets", "privacy.json")) as f:
-        assert json.load(f)["features"] == name
+        record = json.load(f)
+    assert record["features"] == name and claim in record["statement"]
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3))
     loaded = tf.saved_model.load(saved)  # takes the images, not features
     served = loaded.serve(kd.data.normalize(tf.constant(images, tf.uint8)))
