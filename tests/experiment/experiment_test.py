@@ -55,6 +55,13 @@ TINY = [
 ]
 
 
+def importable_factories(tmp_path, monkeypatch):
+    """Writes FACTORY as the module `tiny_factories`, which TINY imports."""
+    (tmp_path / "factories").mkdir()
+    (tmp_path / "factories" / "tiny_factories.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path / "factories"))
+
+
 def make_image_folder(root, n_train=32, n_test=10):
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("test", n_test)):
@@ -415,9 +422,7 @@ def test_a_gs_model_dir_trains_resumes_and_leaves_no_local_folder(
 ):
     # TensorFlow's in-memory filesystem stands in for gs://.
     make_image_folder(tmp_path / "d" / "images")
-    (tmp_path / "factories").mkdir()
-    (tmp_path / "factories" / "tiny_factories.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path / "factories"))
+    importable_factories(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TF_CONFIG", raising=False)
     root = f"ram://experiment_test/{os.getpid()}-{id(tmp_path)}"
@@ -465,9 +470,7 @@ def test_an_unwritable_model_dir_fails_before_training(
     tmp_path, monkeypatch, clean_gin
 ):
     # TINY imports tiny_factories: importable here, whatever ran before.
-    (tmp_path / "factories").mkdir()
-    (tmp_path / "factories" / "tiny_factories.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path / "factories"))
+    importable_factories(tmp_path, monkeypatch)
     experiment.parse_config([SMOKE], TINY)
     with pytest.raises(OSError, match="model_dir '/proc/forbidden/run'"):
         # The data directory does not exist: the model_dir is checked first.
@@ -480,9 +483,7 @@ def test_a_worker_that_is_not_chief_writes_nothing(
     tmp_path, monkeypatch, clean_gin
 ):
     make_image_folder(tmp_path / "d" / "images")
-    (tmp_path / "factories").mkdir()
-    (tmp_path / "factories" / "tiny_factories.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path / "factories"))
+    importable_factories(tmp_path, monkeypatch)
     monkeypatch.setenv(
         "TF_CONFIG",
         json.dumps(
@@ -534,9 +535,7 @@ def test_features_are_computed_once_per_example_and_trained_on(
     # The launcher trains the ScatterNet model on them.
     (tmp_path / "d").mkdir()
     os.rename(tmp_path / "images", tmp_path / "d" / "images")
-    (tmp_path / "factories").mkdir()
-    (tmp_path / "factories" / "tiny_factories.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path / "factories"))
+    importable_factories(tmp_path, monkeypatch)
     result = tiny_run(
         tmp_path,
         monkeypatch,

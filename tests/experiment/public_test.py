@@ -12,7 +12,7 @@ import tensorflow as tf
 import keras_dpscale as kd
 from keras_dpscale import experiment
 from keras_dpscale.experiment import public
-from tests.experiment.experiment_test import FACTORY
+from tests.experiment.experiment_test import importable_factories
 from tests.experiment.experiment_test import make_image_folder
 from tests.experiment.experiment_test import tiny_run
 
@@ -128,9 +128,7 @@ def test_the_launcher_trains_on_public_features_and_records_them(
     folders, monkeypatch
 ):
     tmp_path = folders.parent
-    (tmp_path / "factories").mkdir()
-    (tmp_path / "factories" / "tiny_factories.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path / "factories"))
+    importable_factories(tmp_path, monkeypatch)
     result = tiny_run(
         tmp_path,
         monkeypatch,
