@@ -82,9 +82,18 @@ class PublicPretraining:
                 "without privacy would void the guarantee. Name a public "
                 "dataset."
             )
-        images, labels, source = _public_arrays(
-            self.dataset, dict(where, manual_dir=None), image_shape
-        )
+        try:
+            images, labels, source = _public_arrays(
+                self.dataset, dict(where, manual_dir=None), image_shape
+            )
+        except data.DataNotFoundError as e:
+            raise data.DataNotFoundError(
+                f"PublicPretraining's public data ({self.dataset!r}, "
+                f"image_folder {folder!r}) was not found: put it in the data "
+                "directory (the launcher's --data_dir), or train without "
+                "public data (configs/fashion_mnist_tanh_cnn.gin for "
+                f"Fashion-MNIST).\n{e}"
+            ) from e
         network = _network(image_shape, int(labels.max()) + 1)
         network.compile(
             optimizer=keras.optimizers.Adam(self.learning_rate),

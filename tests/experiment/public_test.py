@@ -101,6 +101,20 @@ def test_the_private_dataset_is_refused_as_public(folders, dataset, folder):
         )
 
 
+def test_missing_public_data_is_named_as_such(folders):
+    pretraining = public.PublicPretraining(
+        dataset="tiny_public", image_folder="absent.tar.gz"
+    )
+    with pytest.raises(kd.data.DataNotFoundError, match="public data"):
+        experiment.build_data(
+            experiment.Plan(batch_size=8, epochs=1),
+            str(folders),
+            dataset="tiny",
+            image_folder="images",
+            features=pretraining,
+        )
+
+
 def test_public_images_take_the_private_shape_and_normalization(folders):
     where = dict(
         data_dir=str(folders),
