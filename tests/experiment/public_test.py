@@ -38,17 +38,22 @@ def folders(tmp_path):
     gin.clear_config()
 
 
-def trained_map(data_dir, **kwargs):
-    keras.utils.set_random_seed(0)
-    inputs = experiment.build_data(
+def private_inputs(data_dir, features=None):
+    """`build_data` of the private images in `data_dir`/images."""
+    return experiment.build_data(
         experiment.Plan(batch_size=8, epochs=1),
         str(data_dir),
         dataset="tiny",
         image_folder="images",
-        features=public.PublicPretraining(epochs=1, **PUBLIC),
-        **kwargs,
+        features=features,
     )
-    return inputs
+
+
+def trained_map(data_dir):
+    keras.utils.set_random_seed(0)
+    return private_inputs(
+        data_dir, public.PublicPretraining(epochs=1, **PUBLIC)
+    )
 
 
 def test_the_map_is_learned_from_public_data_only(folders):
@@ -58,9 +63,7 @@ def test_the_map_is_learned_from_public_data_only(folders):
     name = "cnn_trained_on_public_tiny_public_from_image_folder_1_epochs"
     assert features.name == name
     assert inputs.image_shape == (8, 8, 3)  # the public images resized
-    raw = np.stack([x.numpy() for x, _ in experiment.build_data(
-        experiment.Plan(batch_size=8, epochs=1), str(folders),
-        dataset="tiny", image_folder="images").examples])  # fmt: skip
+    raw = np.stack([x.numpy() for x, _ in private_inputs(folders).examples])
     got = np.stack([x.numpy() for x, _ in inputs.examples])
     want = features(kd.data.normalize(tf.constant(raw))).numpy()
     assert got.shape == (32, 2, 2, 64)
@@ -92,13 +95,7 @@ def test_the_private_dataset_is_refused_as_public(folders, dataset, folder):
         dataset=dataset, image_folder=folder, epochs=1
     )
     with pytest.raises(ValueError, match="private dataset"):
-        experiment.build_data(
-            experiment.Plan(batch_size=8, epochs=1),
-            str(folders),
-            dataset="tiny",
-            image_folder="images",
-            features=pretraining,
-        )
+        private_inputs(folders, pretraining)
 
 
 def test_missing_public_data_is_named_as_such(folders):
@@ -106,13 +103,7 @@ def test_missing_public_data_is_named_as_such(folders):
         dataset="tiny_public", image_folder="absent.tar.gz"
     )
     with pytest.raises(kd.data.DataNotFoundError, match="public data"):
-        experiment.build_data(
-            experiment.Plan(batch_size=8, epochs=1),
-            str(folders),
-            dataset="tiny",
-            image_folder="images",
-            features=pretraining,
-        )
+        private_inputs(folders, pretraining)
 
 
 def test_public_images_take_the_private_shape_and_normalization(folders):
