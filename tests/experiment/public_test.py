@@ -87,15 +87,42 @@ def test_the_map_is_learned_from_public_data_only(folders):
         ("TINY/config", "public"),
         ("tiny_public", "images/"),
         ("tiny_public", "public/../images"),
+        ("tiny_public", "link"),
     ],
 )
 def test_the_private_dataset_is_refused_as_public(folders, dataset, folder):
-    # By its name in any tfds spelling, or by its folder under another name.
+    # By its name in any tfds spelling, or by its folder under another name
+    # (a path through "..", a symbolic link).
+    os.symlink(folders / "images", folders / "link")
     pretraining = public.PublicPretraining(
         dataset=dataset, image_folder=folder, epochs=1
     )
     with pytest.raises(ValueError, match="private dataset"):
         private_inputs(folders, pretraining)
+
+
+def test_the_private_manual_dir_is_not_passed_on(folders, monkeypatch):
+    # tfds would prepare the public dataset from the private run's archives
+    # in manual_dir: the public loader never sees it.
+    seen = []
+    load = kd.data.sources.load_with_source
+
+    def spy(name, split, **kwargs):
+        seen.append((name, kwargs.get("manual_dir")))
+        return load(name, split, **kwargs)
+
+    monkeypatch.setattr(kd.data.sources, "load_with_source", spy)
+    keras.utils.set_random_seed(0)
+    experiment.build_data(
+        experiment.Plan(batch_size=8, epochs=1),
+        str(folders),
+        dataset="tiny",
+        image_folder="images",
+        manual_dir="private_archives",
+        features=public.PublicPretraining(epochs=1, **PUBLIC),
+    )
+    assert ("tiny_public", None) in seen
+    assert all(m is None for name, m in seen if name == "tiny_public")
 
 
 def test_missing_public_data_is_named_as_such(folders):
